@@ -1,0 +1,376 @@
+"""Config: YAML files with ``_base_`` inheritance, merged by OmegaConf, checked against a dataclass schema.
+
+The dataclass defaults below *are* the embedded default (a small FCOS on the synthetic shapes set);
+``configs/default.yaml`` is its YAML twin. ``load_config`` is the only entry point:
+
+    cfg = load_config("configs/bccd/fcos_tiny.yaml", ["optimizer.lr=0.01", "train.max_steps=100"])
+
+Errors name the file or key at fault: an unknown key comes with its full path and the closest valid key,
+a wrong type with the key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+
+def _key(name: str) -> dict[str, str]:
+    """Field metadata for a YAML key that is not a valid Python name (``checkpoint.async``)."""
+    return {"key": name}
+
+
+@dataclass
+class ShapesConfig:
+    """The synthetic shapes set: generated on first use into ``cache_dir`` and reused after."""
+
+    num_train: int = 2000
+    num_val: int = 200
+    image_size: int = 128
+    max_objects: int = 4
+    seed: int = 0
+    cache_dir: str = "~/.cache/elastic_det"
+
+
+@dataclass
+class TransformConfig:
+    """Augmentation, built with ``torchvision.transforms.v2`` (boxes transformed by the library)."""
+
+    min_size: list[int] = field(default_factory=list)  # shortest side, one drawn per sample; [] = keep size
+    max_size: int = 1333  # cap on the longest side when resizing
+    flip_prob: float = 0.0
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+
+
+@dataclass
+class DataConfig:
+    type: str = "shapes"  # shapes | coco | voc | package.module:function
+    root: str = ""  # COCO: image folder; VOC: dataset root (Annotations/, JPEGImages/, ImageSets/)
+    train_ann: str = ""  # COCO annotation file for training
+    val_ann: str = ""  # COCO annotation file for evaluation
+    train_split: str = "train"  # VOC: ImageSets/Main/<split>.txt
+    val_split: str = "val"
+    classes: list[str] = field(default_factory=list)  # VOC class names; [] = discovered from the annotations
+    val_root: str = ""  # COCO: image folder of the val split when it differs from root
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    filter_empty: bool = True  # drop training images without boxes (they are always kept for evaluation)
+    global_batch_size: int = 16
+    micro_batch_size: int = 0  # per-device limit; a rank's share is split into micro-batches; 0 = no limit
+    samples_per_device: int = 0  # batch_policy=scale_lr: the per-device batch (0 = global/world at start)
+    drop_last: bool = True  # drop the last partial global batch of an epoch
+    group_by_aspect_ratio: bool = False  # group global batches by aspect ratio (wide vs tall)
+    num_workers: int = 2
+    val_batch_size: int = 8
+    trace: bool = False  # rank 0 writes WORK_DIR/trace/attempt-K.jsonl, the ids of every global step
+    train_transforms: TransformConfig = field(default_factory=lambda: TransformConfig(flip_prob=0.5))
+    val_transforms: TransformConfig = field(default_factory=TransformConfig)
+
+
+@dataclass
+class ModelConfig:
+    type: str = "tiny_fcos"  # tiny_fcos | tiny_retinanet | faster_rcnn_r50_fpn | retinanet_r50_fpn |
+    # fcos_r50_fpn | ssdlite320_mobilenet_v3 | package.module:function
+    num_classes: int = 0  # 0 = from the dataset
+    weights: str = ""  # torchvision weights name, e.g. FasterRCNN_ResNet50_FPN_Weights.COCO_V1
+    weights_backbone: str = ""  # e.g. ResNet50_Weights.IMAGENET1K_V1
+    load_from: str = ""  # weights of a checkpoint or export to start from (fine-tuning)
+    min_size: int = 128  # the detector's own resize (GeneralizedRCNNTransform)
+    max_size: int = 128
+    trainable_backbone_layers: int = 3
+    norm: str = "auto"  # auto | frozen_bn | bn | sync_bn | group_norm (backbone normalisation)
+    width: int = 64  # tiny models: FPN channels
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "sgd"  # sgd | adamw
+    lr: float = 0.02  # for data.global_batch_size
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad_norm: float = 10.0  # 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule in global steps: linear warmup, then multistep, cosine or constant."""
+
+    policy: str = "cosine"  # multistep | cosine | constant
+    warmup_steps: int = 50
+    warmup_factor: float = 0.001
+    milestones: list[int] = field(default_factory=list)  # multistep, in global steps
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600  # global steps; 0 = use max_epochs
+    max_epochs: int = 0
+    amp: str = "none"  # none | fp16 (CUDA, GradScaler) | bf16 (autocast, CPU or CUDA)
+    validate: bool = True
+    eval_interval: int = 0  # evaluate every N global steps (0 = only at the end)
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200  # global steps; 0 = off
+    interval_minutes: float = 0.0  # wall-clock bound on lost work; 0 = off
+    keep_last: int = 2
+    keep_best: str = ""  # metric to keep the best checkpoint by, e.g. bbox_mAP
+    keep_every: int = 0  # also keep every K-th step
+    async_save: bool = field(default=False, metadata=_key("async"))
+    max_failures: int = 3  # consecutive failed saves before training stops
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. S3 endpoint)
+
+
+@dataclass
+class LogConfig:
+    interval: int = 20  # global steps
+    tensorboard: bool = False
+    progress_bar: str = "auto"  # auto (when attached to a terminal) | on | off
+
+
+@dataclass
+class ElasticConfig:
+    batch_policy: str = "fixed_global"  # fixed_global | scale_lr
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_seconds: float = 120.0  # collective timeout: a lost peer becomes a restart, not a hang
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    work_dir: str = "work_dirs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.amp": ("none", "fp16", "bf16"),
+    "optimizer.type": ("sgd", "adamw"),
+    "schedule.policy": ("multistep", "cosine", "constant"),
+    "model.norm": ("auto", "frozen_bn", "bn", "sync_bn", "group_norm"),
+    "log.progress_bar": ("auto", "on", "off"),
+    "elastic.batch_policy": ("fixed_global", "scale_lr"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (or the embedded default when None), apply ``--cfg-options`` overrides, validate."""
+    merged = OmegaConf.create({})
+    if path is not None:
+        merged = _load_with_bases(os.path.abspath(os.fspath(path)), chain=())
+    if overrides:
+        merged = OmegaConf.merge(merged, _parse_overrides(overrides))
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"Config {path or '(default)'}: cannot resolve interpolation: {e}") from None
+    cfg = _build(Config, data or {}, prefix="")
+    _check_values(cfg)
+    return cfg
+
+
+def _load_with_bases(path: str, chain: tuple[str, ...]):
+    if path in chain:
+        cycle = " -> ".join([*chain, path])
+        raise ConfigError(f"Config {path}: _base_ files form a cycle: {cycle}")
+    if not os.path.isfile(path):
+        referrer = f" (named in _base_ of {chain[-1]})" if chain else ""
+        raise ConfigError(f"Config file not found: {path}{referrer}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError, UnicodeDecodeError, ...
+        raise ConfigError(f"Config {path} is not valid YAML: {e}") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"Config {path} must be a mapping of keys to values, not {type(node).__name__}")
+    bases = node.pop("_base_", None)
+    if bases is None:
+        return node
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create({})
+    for base in bases:
+        if not isinstance(base, str):
+            raise ConfigError(f"Config {path}: _base_ entries must be file paths, got {base!r}")
+        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+        merged = OmegaConf.merge(merged, _load_with_bases(base_path, chain=(*chain, path)))
+    return OmegaConf.merge(merged, node)
+
+
+def _parse_overrides(overrides: list[str]):
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"--cfg-options expects KEY=VALUE items, got {item!r} (e.g. train.max_steps=100)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"--cfg-options {' '.join(overrides)}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation against the schema
+
+
+def _yaml_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config key '{where}' must be a mapping, got {data!r} ({type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            full = f"{prefix}{key}"
+            valid = [f"{prefix}{k}" for k in fields]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys here: {', '.join(valid)}."
+            raise ConfigError(f"Unknown config key '{full}'.{hint}")
+        f = fields[key]
+        kwargs[f.name] = _coerce(hints[f.name], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            _type_error(key, value, f"a list of {item_tp.__name__}")
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _type_error(key, value, "a mapping")
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _type_error(key, value, "bool (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _type_error(key, value, "int")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _type_error(key, value, "float")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _type_error(key, value, "str")
+        return value
+    raise TypeError(f"schema type {tp!r} of {key} is not supported")  # a bug in the schema, not user input
+
+
+def _type_error(key: str, value: Any, expected: str) -> typing.NoReturn:
+    raise ConfigError(
+        f"Config key '{key}' has value {value!r} of type {type(value).__name__}, expected {expected}."
+    )
+
+
+def _check_values(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"Config key '{key}' is {value!r}; choose one of {', '.join(allowed)}.")
+    positive = ["data.global_batch_size", "log.interval", "data.val_batch_size"]
+    for key in positive:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"Config key '{key}' must be > 0, got {get_key(cfg, key)}.")
+    non_negative = ["train.max_steps", "train.max_epochs", "checkpoint.interval", "checkpoint.keep_last",
+                    "checkpoint.keep_every", "data.micro_batch_size", "data.num_workers",
+                    "train.eval_interval", "schedule.warmup_steps", "data.samples_per_device"]
+    for key in non_negative:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"Config key '{key}' must be >= 0, got {get_key(cfg, key)}.")
+    if cfg.train.max_steps == 0 and cfg.train.max_epochs == 0:
+        raise ConfigError("Set train.max_steps or train.max_epochs (both are 0).")
+    if cfg.data.group_by_aspect_ratio and cfg.elastic.batch_policy == "scale_lr":
+        raise ConfigError("data.group_by_aspect_ratio needs elastic.batch_policy=fixed_global: grouped "
+                          "global batches have a fixed size.")
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    """``get_key(cfg, "data.global_batch_size")``."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data, with YAML key names (``checkpoint.async``)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[_yaml_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def config_hash(cfg: Config) -> str:
+    """A short hash of the resolved config, stored in every checkpoint manifest."""
+    text = json.dumps(to_dict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two ``to_dict`` outputs, as ``key: old -> new`` lines."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "storage_options":
+            lines += diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
