@@ -68,7 +68,7 @@ class DataConfig:
     filter_empty: bool = True  # drop training images without boxes (they are always kept for evaluation)
     global_batch_size: int = 16
     micro_batch_size: int = 0  # per-device limit; a rank's share is split into micro-batches; 0 = no limit
-    samples_per_device: int = 0  # batch_policy=scale_lr: the per-device batch (0 = global/world at start)
+    samples_per_device: int = 0  # batch_policy=scale_lr: per-rank batch (global_batch_size = the lr's reference)
     drop_last: bool = True  # drop the last partial global batch of an epoch
     group_by_aspect_ratio: bool = False  # group global batches by aspect ratio (wide vs tall)
     num_workers: int = 2

@@ -1,0 +1,129 @@
+"""Process group from the torchrun environment, collectives the trainer needs, and a parent-death watchdog."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import DistConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    restart_count: int  # TORCHELASTIC_RESTART_COUNT: how many times the agent restarted the workers
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(cfg: DistConfig) -> DistInfo:
+    """Join the process group described by torchrun's environment (a single process when there is none)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_seconds))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        log.warning(
+            "TORCHELASTIC_USE_AGENT_STORE=True: workers share the agent's rendezvous store, which makes "
+            "restarts hang on this torch. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of "
+            "every torchrun agent (the launch/ scripts do)."
+        )
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return DistInfo(rank, world_size, local_rank, device, restarts)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a MAX all-reduce)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def any_rank_each(flags: list[bool]) -> list[bool]:
+    """Element-wise ``any_rank`` for several flags in one collective."""
+    if not dist.is_initialized():
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def mean_over_ranks(values: dict[str, float], weight: float) -> dict[str, float]:
+    """Weighted mean of scalars over ranks (``weight``: this rank's share of the global batch)."""
+    names = sorted(values)
+    if not dist.is_initialized():
+        return {n: values[n] for n in names}
+    t = torch.tensor([values[n] * weight for n in names] + [weight], dtype=torch.float64,
+                     device=_collective_device())
+    dist.all_reduce(t)
+    total = t[-1].item()
+    return {n: t[i].item() / total for i, n in enumerate(names)}
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def start_parent_watchdog(interval_s: float = 1.0) -> None:
+    """Exit when the launching process (the torchrun agent) dies.
+
+    torchrun puts workers in their own session, so a SIGKILLed agent leaves them training unseen. A daemon
+    thread polls the parent PID; when the worker has been re-parented, it exits at once.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                log.error("The torchrun agent (pid %d) is gone; this worker stops.", parent)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

@@ -1,0 +1,120 @@
+"""COCO box mAP with pycocotools' own ``COCOeval``, under mmdetection's metric names.
+
+pycocotools prints progress on stdout; here it is silenced, and :func:`format_table` gives the summary.
+COCOeval reports -1.0 for an area range without any ground truth box (e.g. ``bbox_mAP_l`` on a set of small
+objects); those values are passed through unchanged, as mmdetection does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+METRIC_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
+"""The first six entries of ``COCOeval.stats``, in order."""
+
+
+@dataclass
+class CocoReport:
+    metrics: dict[str, float]
+    per_class: dict[str, float] = field(default_factory=dict)  # category name -> AP@[.5:.95]; nan: no GT
+
+
+def predictions_to_coco(
+    predictions: Sequence[dict[str, Any]],
+    image_ids: Sequence[int],
+    label_to_category_id: Callable[[int], int],
+) -> list[dict[str, Any]]:
+    """Detector outputs (``boxes`` XYXY, ``labels``, ``scores``; tensors or arrays) as COCO results.
+
+    ``image_ids[i]`` is the image of ``predictions[i]``; boxes must already be in that image's original
+    coordinates. Each result is ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``.
+    """
+    category_of: dict[int, int] = {}
+    results = []
+    for pred, image_id in zip(predictions, image_ids, strict=True):
+        boxes = _numpy(pred["boxes"]).reshape(-1, 4).astype(np.float64)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+        labels = _numpy(pred["labels"]).reshape(-1).tolist()
+        scores = _numpy(pred["scores"]).reshape(-1).astype(np.float64).tolist()
+        for box, label, score in zip(xywh, labels, scores, strict=True):
+            label = int(label)
+            if label not in category_of:
+                category_of[label] = int(label_to_category_id(label))
+            results.append({"image_id": int(image_id), "category_id": category_of[label], "bbox": box,
+                            "score": score})
+    return results
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]]) -> dict[str, float]:
+    """``bbox_mAP``, ``bbox_mAP_50``, ``bbox_mAP_75`` and ``bbox_mAP_s/m/l`` of ``results`` on ``coco_gt``."""
+    return run_cocoeval(coco_gt, results).metrics
+
+
+def run_cocoeval(coco_gt: COCO, results: list[dict[str, Any]]) -> CocoReport:
+    """:func:`coco_evaluate` plus the AP of every category. ``results`` is not modified."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = _load_results(coco_gt, results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: float(evaluator.stats[i]) for i, name in enumerate(METRIC_NAMES)}
+    return CocoReport(metrics, _per_class_ap(coco_gt, evaluator))
+
+
+def _load_results(coco_gt: COCO, results: list[dict[str, Any]]) -> COCO:
+    if results:
+        return coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it gets
+    # loadRes cannot take an empty list (it looks at results[0]); no detections is a valid answer: mAP 0.
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
+                       "categories": list(coco_gt.dataset["categories"]), "annotations": []}
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def _per_class_ap(coco_gt: COCO, evaluator: COCOeval) -> dict[str, float]:
+    # precision: [IoU thresholds, recall thresholds, categories, area ranges, max detections]; -1 = no GT.
+    precision = evaluator.eval["precision"]
+    out = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[coco_gt.cats[cat_id]["name"]] = float(p.mean()) if p.size else math.nan
+    return out
+
+
+def format_table(metrics: dict[str, float], per_class: dict[str, float] | None = None) -> str:
+    """The metrics (and optionally the AP per class) as an aligned plain-text table."""
+    rows = [("metric", "value")] + [(k, _fmt(v)) for k, v in metrics.items()]
+    text = _table(rows)
+    if per_class:
+        text += "\n\n" + _table([("category", "AP")] + [(k, _fmt(v)) for k, v in per_class.items()])
+    return text
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value:>7}" for name, value in rows]
+    lines.insert(1, "-" * (width + 9))
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu() if x.is_floating_point() else x.detach().cpu()
+        return x.numpy()
+    return np.asarray(x)

@@ -1,0 +1,65 @@
+"""``python -m elastic_det.train [CONFIG] [--work-dir PATH_OR_URL] [--resume auto|none|PATH] ...``
+
+Runs as one process or under torchrun (any ``--nnodes`` / ``--nproc-per-node``). Exit codes: 0 done,
+2 bad input (one-paragraph message on stderr), 143 preempted after a checkpoint (restart to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from .config import load_config
+from .errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m elastic_det.train", description=__doc__.split("\n")[0])
+    p.add_argument("config", nargs="?", help="YAML config (default: the embedded shapes/tiny-FCOS default)")
+    p.add_argument("--work-dir", help="local path or fsspec URL (s3://bucket/run); overrides work_dir")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest committed checkpoint in the work dir; default), none, or a checkpoint path")
+    p.add_argument("--seed", type=int, help="overrides seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    p.add_argument("--no-validate", action="store_true", help="skip evaluation during and after training")
+    p.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPU")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. train.max_steps=100 data.global_batch_size=32")
+    return p.parse_args(argv)
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.cfg_options)
+    if args.work_dir:
+        overrides.append(f"work_dir={args.work_dir}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.deterministic:
+        overrides.append("train.deterministic=true")
+    if args.no_validate:
+        overrides.append("train.validate=false")
+    return overrides
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides_from_args(args))
+        if args.amp:
+            import torch
+
+            cfg.train.amp = "fp16" if torch.cuda.is_available() else "bf16"
+        from .trainer import train
+
+        preempted = train(cfg, resume=args.resume)
+    except UserError as e:
+        print(f"elastic_det: error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return PREEMPTED_EXIT_CODE if preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
