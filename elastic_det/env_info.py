@@ -23,7 +23,8 @@ def git_hash() -> str:
 
 
 def versions() -> dict[str, str]:
-    return {"elastic_det": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
+    return {"elastic_det": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version()}
 
 

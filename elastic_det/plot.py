@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = metrics_path(args.work_dir)
-        plot(extract_series(read_metrics(path)), args.out, title=args.work_dir)
+        title = args.work_dir if "://" in args.work_dir else os.path.abspath(args.work_dir)
+        plot(extract_series(read_metrics(path)), args.out, title=title)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

@@ -148,8 +148,6 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
     batches = build_train_loader(samples, shares, cfg.data.num_workers)
 
     # hooks
-    meta = {"config": to_yaml(cfg), "config_hash": config_hash(cfg), "env": env,
-            "versions": env_info.versions()}
     logger = LoggerHook(metrics, cfg.log.interval, cfg.log.progress_bar,
                         files.local_path("tensorboard") if cfg.log.tensorboard else None, info.is_main)
     hooks = [OptimizerHook(cfg.optimizer.clip_grad_norm), LRSchedulerHook(scheduler), TimerHook(), logger]
@@ -159,12 +157,12 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
     if cfg.train.validate:
         hooks.append(_eval_hook(cfg, info, metrics, logger))
     hooks.append(CheckpointHook(store, cfg.checkpoint, preempt, metrics, files, build_state=_build_state,
-                                meta=meta, is_main=info.is_main))
+                                meta={"config_hash": config_hash(cfg)}, is_main=info.is_main))
 
     runner = Runner(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, schedule=schedule,
                     batches=batches, hooks=hooks, dist_info=info, progress=progress, max_steps=max_steps,
                     micro_batch_size=cfg.data.micro_batch_size, amp_dtype=amp_dtype,
-                    meta={"config": meta["config"], "env": env})
+                    meta={"config": to_yaml(cfg), "env": env})
     runner.load_hook_states(hook_states)
 
     start_fields = {"world_size": info.world_size, "restart_count": info.restart_count,

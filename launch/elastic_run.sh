@@ -13,20 +13,23 @@
 #        PET_MAX_RESTARTS=3         worker-group restarts before torchrun gives up
 #        PET_RDZV_CONF=last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3
 #                                   recover from a lost worker in ~5 s and a lost node in ~7 s, not 30-45 s
-#   3. runs torchrun as a child, forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to it (SIGHUP as SIGTERM),
-#      once: torchrun forwards it to the workers, which finish the step, save, and exit 143; a second
-#      signal is not forwarded, because a signal that reaches torchrun while it is already shutting down
-#      can cut the workers' grace period short;
-#   4. exits 143 (elastic_det.errors.PREEMPTED_EXIT_CODE) when it forwarded a signal and torchrun then
+#   3. runs torchrun as a child and, when this script gets SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 (SIGHUP is
+#      sent on as SIGTERM), forwards the first one to torchrun, which forwards it to the workers; they
+#      finish the current step, save, and exit 143. Later signals are not forwarded: a signal that reaches
+#      torchrun while it is already shutting down aborts its wait for the workers (measured on 2.14.1: it
+#      survives one repeat, not two). Inside a Slurm job step (SLURM_STEP_ID set) nothing is forwarded by
+#      default, because slurmstepd signals every process of the step, torchrun included, itself;
+#   4. exits 143 (elastic_det.errors.PREEMPTED_EXIT_CODE) when it got such a signal and torchrun then
 #      failed. torchrun itself exits 1, with a SignalException traceback, whenever it is stopped by a
-#      signal — whatever its workers returned — and 1 reads as a permanent failure to Kubeflow's ExitCode
+#      signal, whatever its workers returned, and 1 reads as a permanent failure to Kubeflow's ExitCode
 #      restart policy and to a Kubernetes podFailurePolicy; 143 reads as "preempted, run me again".
-#      Any other exit status of torchrun is passed through unchanged (0 done, 1 failed, ...).
+#      Any other exit status of torchrun is passed on unchanged (0 done, 1 failed, ...).
 #
 # Environment:
 #   TORCHRUN   the torchrun command (default: torchrun on PATH, or "$PYTHON -m torch.distributed.run" when
 #              PYTHON is set)
 #   PYTHON     the Python interpreter whose torch to use (optional)
+#   ELASTIC_RUN_FORWARD  auto (forward, except inside a Slurm job step) | 1 (always) | 0 (never) [auto]
 #   ELASTIC_RUN_QUIET=1  do not print the command line
 set -uo pipefail
 
@@ -45,21 +48,33 @@ else
 fi
 cmd+=("$@")
 
+case "${ELASTIC_RUN_FORWARD:-auto}" in
+  1) forward_signals=1 ;;
+  0) forward_signals=0 ;;
+  auto) if [[ -n "${SLURM_STEP_ID:-}" ]]; then forward_signals=0; else forward_signals=1; fi ;;
+  *)
+    echo "elastic_run.sh: ELASTIC_RUN_FORWARD must be auto, 1 or 0" >&2
+    exit 2
+    ;;
+esac
+
 child=""
-forwarded=""
+received=""  # the first signal this script got (the one forwarded, if forwarding)
 
 log() { printf 'elastic_run[%d]: %s\n' "$$" "$*" >&2; }
 
 # shellcheck disable=SC2317  # invoked from the traps below
 forward() {
-  local sig=$1 received=$2
-  if [[ -n "$forwarded" ]]; then
-    log "got SIG$received; SIG$forwarded already forwarded, torchrun is shutting down"
+  local sig=$1 got=$2
+  if [[ -n "$received" ]]; then
+    log "got SIG$got; already stopping after SIG$received, not forwarding it"
     return
   fi
-  forwarded=$sig
-  if [[ -n "$child" ]]; then
-    log "got SIG$received; forwarding SIG$sig to torchrun (pid $child)"
+  received=$sig
+  if ((!forward_signals)); then
+    log "got SIG$got; torchrun got it from slurmstepd too (Slurm job step), waiting for it to stop"
+  elif [[ -n "$child" ]]; then
+    log "got SIG$got; forwarding SIG$sig to torchrun (pid $child)"
     kill -s "$sig" "$child" 2>/dev/null || true
   fi
 }
@@ -78,8 +93,8 @@ fi
 
 "${cmd[@]}" &
 child=$!
-if [[ -n "$forwarded" ]]; then  # a signal arrived before torchrun started
-  kill -s "$forwarded" "$child" 2>/dev/null || true
+if [[ -n "$received" ]] && ((forward_signals)); then  # a signal arrived before torchrun started
+  kill -s "$received" "$child" 2>/dev/null || true
 fi
 
 # `wait` returns early (status > 128) whenever a trapped signal arrives; wait again until torchrun is gone.
@@ -98,8 +113,8 @@ if ((rc > 128)); then
   if ((rc2 != 127)); then rc=$rc2; fi
 fi
 
-if [[ -n "$forwarded" && $rc -ne 0 ]]; then
-  log "torchrun exited $rc after SIG$forwarded; exiting 143 (preempted: run the same command to resume)"
+if [[ -n "$received" && $rc -ne 0 ]]; then
+  log "torchrun exited $rc after SIG$received; exiting 143 (preempted: run the same command to resume)"
   exit 143
 fi
 exit "$rc"

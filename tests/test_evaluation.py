@@ -10,7 +10,11 @@ import contextlib
 import io
 import json
 import math
-import socket
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +33,7 @@ from elastic_det.evaluation import (
     run_cocoeval,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 METRICS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
 CATEGORY_IDS = {1: 3, 2: 7, 3: 12}  # label -> non-contiguous COCO category id
 LABELS = {c: label for label, c in CATEGORY_IDS.items()}
@@ -107,6 +112,10 @@ def test_label_to_category_mapping_is_applied():
     assert {r["category_id"] for r in results} == {3, 7, 12}
     first = results[0]
     assert first == {"image_id": 10, "category_id": 3, "bbox": [2.0, 2.0, 10.0, 10.0], "score": 1.0}
+    # Background detections (label 0) have no category and are dropped.
+    background = {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]]), "labels": torch.tensor([0]),
+                  "scores": torch.tensor([0.9])}
+    assert predictions_to_coco([background], [10], CATEGORY_IDS.__getitem__) == []
     # Labels taken as category ids (1, 2, 3) match nothing: 3 is "cat", and label 3 is a bird.
     wrong = predictions_to_coco(predictions, image_ids, lambda label: label)
     assert coco_evaluate(make_coco(GT), wrong)["bbox_mAP"] == 0.0
@@ -120,7 +129,14 @@ def test_per_class_ap_and_table():
     assert 0.0 < report.metrics["bbox_mAP"] < 1.0
     table = format_table(report.metrics, report.per_class)
     assert "bbox_mAP_50" in table and "dog" in table and f"{report.metrics['bbox_mAP']:.4f}" in table
-    assert "n/a" in format_table({"bbox_mAP": math.nan})
+    assert "n/a" in format_table({"bbox_mAP": math.nan}) and "n/a" in format_table({"bbox_mAP_l": -1.0})
+
+
+def test_evaluation_is_restricted_to_the_given_images():
+    predictions, image_ids = gt_as_predictions()
+    results = [r for r in predictions_to_coco(predictions, image_ids, CATEGORY_IDS.get) if r["image_id"] != 50]
+    assert coco_evaluate(make_coco(GT), results)["bbox_mAP"] < 1.0  # image 50's boxes are missed
+    assert coco_evaluate(make_coco(GT), results, image_ids=[10, 20, 30, 40])["bbox_mAP"] == pytest.approx(1.0)
 
 
 def test_results_list_is_not_modified():
@@ -227,14 +243,9 @@ def test_bf16_autocast_runs():
     assert metrics["bbox_mAP"] == pytest.approx(1.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
         ds = StandInDataset()
         model = nn.parallel.DistributedDataParallel(StandInDetector(noisy=True))
@@ -250,9 +261,93 @@ def test_distributed_evaluation_matches_single_process(tmp_path):
     expected = evaluate(StandInDetector(noisy=True), ds, shard_loader(ds), "cpu")
     assert 0.1 < expected["bbox_mAP"] < 0.9  # noisy enough that a lost or doubled image would show
 
-    mp.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # The test process hosts the rendezvous store on a free loopback port it holds (no bind race).
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    mp.spawn(_distributed_worker, args=(2, store.port, str(tmp_path)), nprocs=2, join=True)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0["metrics"] == expected
     assert rank1["metrics"] is None
     assert (rank0["images_seen"], rank1["images_seen"]) == (3, 2)  # each rank predicted only its share
+
+
+# ----------------------------------------------------------------------------------------------------------
+# python -m elastic_det.test
+
+
+def test_draw_predictions_writes_a_png_per_image(tmp_path):
+    from PIL import Image
+
+    from elastic_det.test import draw_predictions
+
+    ds = StandInDataset()
+    results = predict(StandInDetector(noisy=True), ds, shard_loader(ds), "cpu")
+    for r in results:
+        if r["image_id"] == 20:
+            r["score"] = 0.1  # below the threshold: image 20 stays as it was
+    names = {c["id"]: c["name"] for c in GT["categories"]}
+    info = {img["id"]: img for img in GT["images"]}
+    assert draw_predictions(ds, results, names, str(tmp_path / "show"), 0.3, info) == len(ds)
+    files = sorted(p.name for p in (tmp_path / "show").iterdir())
+    assert files == ["a.png", "b.png", "c.png", "d.png", "empty.png"]
+    for index, name in ((0, "a.png"), (1, "b.png")):
+        drawn = torch.from_numpy(np.array(Image.open(tmp_path / "show" / name))).permute(2, 0, 1)
+        original = ds[index][0].expand(3, -1, -1)
+        assert drawn.shape == original.shape
+        assert torch.equal(drawn, original) == (name == "b.png")
+
+
+def _run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)
+
+
+def test_cli_bad_config_is_a_user_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    proc = _run_module("-m", "elastic_det.test", str(missing), str(tmp_path))
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _metrics_from_table(stdout: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(bbox_mAP\w*)\s+(-?[\d.]+)$", stdout, re.MULTILINE)}
+
+
+def test_cli_end_to_end_after_training(tmp_path):
+    for module in ("elastic_det.train", "elastic_det.models.build", "elastic_det.data.build",
+                   "elastic_det.data.loader", "elastic_det.data.transforms"):
+        pytest.importorskip(module)
+    work = tmp_path / "run"
+    options = [f"data.shapes.cache_dir={tmp_path / 'cache'}", "data.shapes.num_train=32",
+               "data.shapes.num_val=8", "data.global_batch_size=4", "data.val_batch_size=4",
+               "data.num_workers=0", "train.max_steps=5", "train.validate=false", "checkpoint.interval=5",
+               "schedule.warmup_steps=0", "log.interval=1"]
+    train = _run_module("-m", "elastic_det.train", "--work-dir", str(work), "--cfg-options", *options)
+    assert train.returncode == 0, train.stderr[-3000:]
+    config = str(work / "config.yaml")
+
+    show = tmp_path / "show"
+    single = _run_module("-m", "elastic_det.test", config, str(work), "--show-dir", str(show),
+                         "--score-thr", "0.0", "--out", str(tmp_path / "single.json"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    metrics = _metrics_from_table(single.stdout)
+    assert tuple(metrics) == METRICS
+    pngs = sorted(show.glob("*.png"))
+    assert len(pngs) == 8 and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+    # Two ranks under torchrun: the same detections, gathered on rank 0.
+    double = _run_module("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         "-m", "elastic_det.test", config, str(work), "--out", str(tmp_path / "double.json"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert _metrics_from_table(double.stdout) == pytest.approx(metrics, abs=2e-4)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("single", "double"))
+    assert len(one) == len(two) > 0
+    for a, b in zip(one, two, strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+    # A checkpoint that is not there: one paragraph naming it, exit 2.
+    missing = tmp_path / "no-such-run"
+    proc = _run_module("-m", "elastic_det.test", config, str(missing))
+    assert proc.returncode == 2 and str(missing) in proc.stderr and "Traceback" not in proc.stderr

@@ -131,12 +131,12 @@ def records_to_coco_dict(records: Sequence[ImageRecord], class_names: Sequence[s
     for r in records:
         images.append({"id": r.image_id, "file_name": r.path, "width": r.width, "height": r.height})
         for boxes, labels, crowd in ((r.boxes, r.labels, 0), (r.crowd_boxes, r.crowd_labels, 1)):
-            for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
+            for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist(), strict=True):
                 w, h = x2 - x1, y2 - y1
                 annotations.append({"id": len(annotations) + 1, "image_id": r.image_id,
                                     "category_id": category_ids[label - 1], "bbox": [x1, y1, w, h],
                                     "area": w * h, "iscrowd": crowd})
-    categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names)]
+    categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names, strict=True)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 

@@ -44,7 +44,7 @@ def ensure_shapes(cfg: ShapesConfig) -> str:
 
 def generate_shapes(out_dir: str, num_train: int, num_val: int, image_size: int, max_objects: int,
                     seed: int) -> None:
-    """Write ``train/``, ``val/`` (PNG) and ``annotations/{train,val}.json`` under ``out_dir``.
+    """Write ``train/``, ``val/`` (JPEG, quality 95) and ``annotations/{train,val}.json`` under ``out_dir``.
 
     If ``out_dir`` exists when the set is finished (another process was first), it is left as it is.
     """
@@ -78,10 +78,10 @@ def _write_split(folder: str, split: str, count: int, image_size: int, max_objec
         rng = np.random.default_rng([seed % 2**64, _SPLIT_CODES[split], i])
         image, _, boxes, labels, areas = render_image(rng, image_size, max_objects)
         image_id = i + 1
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(image).save(os.path.join(folder, file_name), compress_level=1)
+        file_name = f"{image_id:06d}.jpg"
+        Image.fromarray(image).save(os.path.join(folder, file_name), quality=95)
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
-        for (x1, y1, x2, y2), label, area in zip(boxes, labels, areas):
+        for (x1, y1, x2, y2), label, area in zip(boxes, labels, areas, strict=True):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0})
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(CATEGORIES)]
@@ -115,7 +115,7 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int
         else:
             continue
         colour = _shape_colour(rng, background[mask].mean(axis=0))
-        texture = rng.normal(0.0, 6.0, size=(len(xs), 3))
+        texture = rng.integers(-10, 11, size=(len(xs), 3), dtype=np.int16)
         image[ys, xs] = np.clip(colour + texture, 0, 255).astype(np.uint8)
         boxes.append(box)
         labels.append(label)
@@ -126,14 +126,10 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A base colour with low-frequency blotches (a bilinearly upsampled 6x6 grid) and pixel noise."""
     base = rng.uniform(40, 215, size=3)
-    grid = rng.normal(0.0, 18.0, size=(6, 6, 3))
-    t = np.linspace(0, grid.shape[0] - 1, size)
-    i0 = np.minimum(t.astype(int), grid.shape[0] - 2)
-    f = (t - i0)[:, None, None]
-    rows = grid[i0] * (1 - f) + grid[i0 + 1] * f
-    blotches = rows[:, i0] * (1 - f.transpose(1, 0, 2)) + rows[:, i0 + 1] * f.transpose(1, 0, 2)
-    noise = rng.normal(0.0, 8.0, size=(size, size, 3))
-    return np.clip(base + blotches + noise, 0, 255).astype(np.uint8)
+    grid = np.clip(base + rng.normal(0.0, 18.0, size=(6, 6, 3)), 0, 255).astype(np.uint8)
+    blotches = np.asarray(Image.fromarray(grid).resize((size, size), Image.BILINEAR), dtype=np.int16)
+    noise = rng.integers(-14, 15, size=(size, size, 3), dtype=np.int16)
+    return np.clip(blotches + noise, 0, 255).astype(np.uint8)
 
 
 def _shape_mask(rng: np.random.Generator, size: int, label: int) -> np.ndarray:

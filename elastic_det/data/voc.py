@@ -57,7 +57,7 @@ class VocDataset(DetectionDataset):
         ids = _image_ids(names)
         self.degenerate_boxes: list[str] = []
         records = [self._record(image_id, name, ann, label_of)
-                   for image_id, name, ann in zip(ids, names, annotations)]
+                   for image_id, name, ann in zip(ids, names, annotations, strict=True)]
         source = _split_file(root, split)
         log_degenerate(source, self.degenerate_boxes)
         super().__init__(records, classes, list(range(1, len(classes) + 1)), filter_empty=filter_empty,

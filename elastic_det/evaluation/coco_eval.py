@@ -37,6 +37,8 @@ def predictions_to_coco(
 
     ``image_ids[i]`` is the image of ``predictions[i]``; boxes must already be in that image's original
     coordinates. Each result is ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``.
+    Label 0 is the background: sigmoid heads (FCOS, RetinaNet) keep a logit for it and may emit it, but it
+    has no category, so those detections are dropped.
     """
     category_of: dict[int, int] = {}
     results = []
@@ -47,6 +49,8 @@ def predictions_to_coco(
         scores = _numpy(pred["scores"]).reshape(-1).astype(np.float64).tolist()
         for box, label, score in zip(xywh, labels, scores, strict=True):
             label = int(label)
+            if label == 0:
+                continue
             if label not in category_of:
                 category_of[label] = int(label_to_category_id(label))
             results.append({"image_id": int(image_id), "category_id": category_of[label], "bbox": box,
@@ -54,16 +58,24 @@ def predictions_to_coco(
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]]) -> dict[str, float]:
-    """``bbox_mAP``, ``bbox_mAP_50``, ``bbox_mAP_75`` and ``bbox_mAP_s/m/l`` of ``results`` on ``coco_gt``."""
-    return run_cocoeval(coco_gt, results).metrics
+def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]],
+                  image_ids: Sequence[int] | None = None) -> dict[str, float]:
+    """``bbox_mAP``, ``bbox_mAP_50``, ``bbox_mAP_75`` and ``bbox_mAP_s/m/l`` of ``results`` on ``coco_gt``.
+
+    ``image_ids`` restricts the evaluation to those images (a dataset may use part of a COCO file);
+    None evaluates every image of ``coco_gt``.
+    """
+    return run_cocoeval(coco_gt, results, image_ids).metrics
 
 
-def run_cocoeval(coco_gt: COCO, results: list[dict[str, Any]]) -> CocoReport:
+def run_cocoeval(coco_gt: COCO, results: list[dict[str, Any]],
+                 image_ids: Sequence[int] | None = None) -> CocoReport:
     """:func:`coco_evaluate` plus the AP of every category. ``results`` is not modified."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = _load_results(coco_gt, results)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -110,7 +122,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _fmt(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return "n/a" if math.isnan(value) or value < 0 else f"{value:.4f}"  # COCOeval: -1 = no ground truth
 
 
 def _numpy(x: Any) -> np.ndarray:

@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, dataset: Any, loader: Iterable, device: torch.dev
     results = predict(model, dataset, loader, device, amp, coco_gt=coco_gt)
     if results is None:
         return None
-    return coco_evaluate(coco_gt, results)
+    return coco_evaluate(coco_gt, results, dataset.image_ids)
 
 
 def predict(model: nn.Module, dataset: Any, loader: Iterable, device: torch.device | str,

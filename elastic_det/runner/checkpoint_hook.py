@@ -78,6 +78,8 @@ class CheckpointHook(Hook):
     def after_run(self, runner: Runner) -> None:
         if runner.stop_reason is None and runner.progress.global_step >= runner.max_steps:
             self.save(runner, "final", sync=True)
+            if dist.any_rank(self.failures > 0):
+                raise StorageError(f"The final checkpoint could not be saved: {self.last_error or 'see rank 0'}")
         elif self.saver is not None:
             self.saver.wait()
 

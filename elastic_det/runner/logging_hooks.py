@@ -88,7 +88,7 @@ class LoggerHook(Hook):
             return
         losses = {k: v for k, v in means.items() if "loss" in k}
         record: dict[str, Any] = {
-            "mode": "train", "step": step, "epoch": runner.progress.epoch,
+            "mode": "train", "step": step, "epoch": runner.progress.epoch, "time": round(time.time(), 3),
             "loss": sum(losses.values()), "lr": out.get("lr", 0.0), "world_size": runner.dist.world_size,
             **means,
             **{k: round(out[k], 4) for k in ("step_time", "data_time", "eta_seconds", "grad_norm") if k in out},

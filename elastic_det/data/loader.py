@@ -1,0 +1,126 @@
+"""Data loaders driven by the batch plan: each loader batch is this rank's share of one global step.
+
+Samples are addressed as ``(epoch, index)`` and augmented with torch's generator seeded from
+``(seed, epoch, index)``, so a sample looks the same whichever worker or rank loads it, and no RNG state
+has to be checkpointed. Workers ignore the preemption signals; only the main process reacts to them.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import DataError
+
+_IGNORED_IN_WORKERS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample: a 64-bit hash of ``(seed, epoch, index)``."""
+    state = np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(1, dtype=np.uint64)
+    return int(state[0])
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """``samples[(epoch, index)] -> (image, target)``: ``dataset[index]`` through ``transforms``.
+
+    The image is a plain float tensor (CHW); the target holds plain tensors ``boxes`` (XYXY, float32) and
+    ``labels`` (int64), and ``image_id`` (int).
+    """
+
+    def __init__(self, dataset: Any, transforms: Callable, seed: int):
+        self.dataset = dataset
+        self.transforms = transforms
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            image, target = self.transforms(*self.dataset[index])
+        return image.as_subclass(torch.Tensor), {
+            "boxes": target["boxes"].as_subclass(torch.Tensor),
+            "labels": target["labels"],
+            "image_id": int(target["image_id"]),
+        }
+
+
+def detection_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images of different sizes stay a list, as torchvision detectors take them."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def build_train_loader(samples: TrainSamples, step_indices: Iterable[tuple[int, list[int]]],
+                       num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """One loader batch per step: ``step_indices`` yields ``(epoch, this rank's indices)`` in step order.
+
+    ``step_indices`` is consumed lazily (workers prefetch a few steps ahead); it may be infinite. The
+    loader can be iterated once.
+    """
+    return _DataLoader(samples, batch_sampler=_StepBatches(step_indices), num_workers=num_workers,
+                       collate_fn=detection_collate, pin_memory=pin_memory, persistent_workers=False,
+                       worker_init_fn=_ignore_signals if num_workers > 0 else None)
+
+
+def build_val_loader(dataset: Any, transforms: Callable, rank: int, world_size: int, batch_size: int,
+                     num_workers: int) -> DataLoader:
+    """This rank's part of the evaluation set: indices ``rank, rank + world_size, ...`` in batches."""
+    indices = list(range(rank, len(dataset), world_size))
+    batches = [[(0, i) for i in indices[k:k + batch_size]] for k in range(0, len(indices), batch_size)]
+    return _DataLoader(TrainSamples(dataset, transforms, seed=0), batch_sampler=batches,
+                       num_workers=num_workers, collate_fn=detection_collate, persistent_workers=False,
+                       worker_init_fn=_ignore_signals if num_workers > 0 else None)
+
+
+class _StepBatches:
+    def __init__(self, step_indices: Iterable[tuple[int, list[int]]]):
+        self.step_indices = step_indices
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch, indices in self.step_indices:
+            yield [(epoch, i) for i in indices]
+
+
+def _ignore_signals(worker_id: int) -> None:
+    for sig in _IGNORED_IN_WORKERS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _DataLoader(DataLoader):
+    """A DataLoader that re-raises a worker's DataError with the worker's own message.
+
+    DataLoader re-raises a worker exception as the same type with the worker's whole traceback as its
+    message; the CLI prints a DataError as one paragraph, so keep only the message itself.
+    """
+
+    def __iter__(self) -> Iterator:
+        return _CleanDataErrors(super().__iter__())
+
+
+class _CleanDataErrors:
+    def __init__(self, iterator: Iterator):
+        self._iterator = iterator
+
+    def __iter__(self) -> _CleanDataErrors:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._iterator)
+        except DataError as e:
+            text = str(e)
+            marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+            if marker not in text:
+                raise
+            raise DataError(text.rsplit(marker, 1)[1].strip() + " (in a data-loader worker)") from None
+
+    def __len__(self) -> int:
+        return len(self._iterator)

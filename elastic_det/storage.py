@@ -1,0 +1,568 @@
+"""A work dir on local disk or behind any fsspec URL (``s3://bucket/prefix`` first), with atomic writes.
+
+Everything goes through fsspec. The commit primitives differ per backend because their atomicity does:
+
+* **local**: write a hidden temp file in the target directory, fsync it, ``os.replace`` it onto the final
+  name, fsync the directory. Exclusive creation writes a temp file and ``os.link``\\ s it (fails when the
+  name exists), so the final name never shows partial content.
+* **S3** (s3fs): a single object is never partial, but s3fs *publishes the truncated object* when an
+  exception leaves ``with fs.open(path, "wb")``. So writes are not done in a ``with`` block: on error the
+  file is discarded (the multipart upload is aborted) and marked closed, so nothing is published. Exclusive
+  creation uses ``If-None-Match: *`` (s3fs mode ``"xb"``). s3fs caches listings; every query here refreshes.
+
+S3 endpoint and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...) or from ``storage_options`` (``endpoint_url``, ``key``,
+``secret``, ``client_kwargs``, ...), which win.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+import fsspec
+
+from .errors import StorageError
+
+try:  # botocore is present with s3fs; its connection/credential errors are not OSErrors
+    from botocore.exceptions import BotoCoreError
+except ImportError:  # pragma: no cover - s3fs is a hard dependency
+    BotoCoreError = OSError
+
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, BotoCoreError)
+
+_ENDPOINT_VARS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+_NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+                         "glusterfs", "9p", "panfs", "wekafs", "orangefs", "afs", "davfs", "fuse"})
+
+_HASH_IN_THREAD_MIN = 1 << 20
+
+
+class HashingWriter:
+    """Forwards writes to ``raw`` while counting bytes and computing their sha256.
+
+    Large chunks are hashed in a helper thread while ``raw.write`` runs (both release the GIL), and the
+    write returns only after both finish, so a caller's buffer is never read after it was handed back.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self._pool: ThreadPoolExecutor | None = None
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes >= _HASH_IN_THREAD_MIN:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            hashed = self._pool.submit(self._sha.update, view)
+            try:
+                self._raw.write(view)
+            finally:
+                hashed.result()
+        else:
+            self._sha.update(view)
+            self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+class WorkDir:
+    """A work dir on local disk or any fsspec URL (``s3://...``).
+
+    Paths given to the methods are relative to the work dir and use ``/``. Storage failures raise
+    :class:`StorageError` naming the full path and the cause; a missing file on read raises
+    ``FileNotFoundError``.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        options = dict(storage_options or {})
+        protocol, _ = fsspec.core.split_protocol(url)
+        self.is_local = protocol in (None, "file", "local")
+        if self.is_local:
+            self.url = os.path.abspath(os.path.expanduser(fsspec.core.strip_protocol(url)))
+            self.fs = fsspec.filesystem("file")
+            self._root = self.url
+        else:
+            if protocol in ("s3", "s3a"):
+                options = s3_options(options)
+            self.url = url.rstrip("/")
+            self.fs, self._root = fsspec.core.url_to_fs(self.url, **options)
+            self._root = self._root.rstrip("/")
+        self.protocol = protocol or "file"
+        self.storage_options = options
+
+    def __repr__(self) -> str:
+        return f"WorkDir({self.url!r})"
+
+    # ------------------------------------------------------------------------------------------------
+    # Paths
+
+    def path(self, relpath: str) -> str:
+        """The full local path or URL of ``relpath``."""
+        relpath = relpath.strip("/")
+        if not relpath:
+            return self.url
+        if self.is_local:
+            return os.path.join(self.url, *relpath.split("/"))
+        return f"{self.url}/{relpath}"
+
+    def _fs_path(self, relpath: str) -> str:
+        relpath = relpath.strip("/")
+        if self.is_local:
+            return self.path(relpath)
+        return f"{self._root}/{relpath}" if relpath else self._root
+
+    # ------------------------------------------------------------------------------------------------
+    # Writes
+
+    def write_atomic(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+        """Write ``relpath`` through ``write_fn(file)``: complete, or invisible if anything fails.
+
+        Returns ``(size, sha256 hex)`` computed while writing. Exceptions raised by ``write_fn`` itself
+        propagate unchanged (after cleanup); storage failures become :class:`StorageError`.
+        """
+        try:
+            if self.is_local:
+                return self._write_local(relpath, write_fn)
+            return self._write_remote(relpath, write_fn)
+        except StorageError:
+            raise
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot write {self.path(relpath)}: {describe_error(e)}") from e
+
+    def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
+        self.write_atomic(relpath, lambda f: f.write(data))
+
+    def upload_file(self, local_path: str, relpath: str) -> None:
+        """Copy a local file to ``relpath`` as one whole object (atomically), e.g. logs on object stores."""
+        with open(local_path, "rb") as src:
+            self.write_atomic(relpath, lambda f: shutil.copyfileobj(src, f, 8 << 20))
+
+    def create_exclusive(self, relpath: str, data: bytes) -> bool:
+        """Create ``relpath`` with ``data`` unless it exists; False when it already existed."""
+        try:
+            if self.is_local:
+                return self._create_local(relpath, data)
+            return self._create_remote(relpath, data)
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot create {self.path(relpath)}: {describe_error(e)}") from e
+
+    def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+        final = self.path(relpath)
+        parent = os.path.dirname(final)
+        _makedirs_durable(parent)
+        tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "xb") as raw:
+                writer = HashingWriter(raw)
+                try:
+                    write_fn(writer)
+                finally:
+                    writer.close()
+                raw.flush()
+                os.fsync(raw.fileno())
+            on_disk = os.stat(tmp).st_size
+            if on_disk != writer.size:
+                raise StorageError(f"Wrote {writer.size} bytes to {final} but {on_disk} are on disk")
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        _fsync_dir(parent)
+        return writer.size, writer.hexdigest()
+
+    def _write_remote(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+        path = self._fs_path(relpath)
+        f = self.fs.open(path, "wb")
+        writer = HashingWriter(f)
+        try:
+            write_fn(writer)
+            writer.close()
+            f.close()
+        except BaseException:
+            writer.close()
+            _discard(f)
+            raise
+        self.fs.invalidate_cache(path)
+        stored = self.fs.info(path)["size"]
+        if stored != writer.size:
+            self.delete(relpath)
+            raise StorageError(f"Wrote {writer.size} bytes to {self.path(relpath)} but the store holds "
+                               f"{stored}; the object was deleted")
+        return writer.size, writer.hexdigest()
+
+    def _create_local(self, relpath: str, data: bytes) -> bool:
+        final = self.path(relpath)
+        parent = os.path.dirname(final)
+        _makedirs_durable(parent)
+        tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                return _create_without_link(final, data)  # file systems without hard links
+        finally:
+            _unlink_quietly(tmp)
+        _fsync_dir(parent)
+        return True
+
+    def _create_remote(self, relpath: str, data: bytes) -> bool:
+        path = self._fs_path(relpath)
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
+
+    # ------------------------------------------------------------------------------------------------
+    # Reads and listings (never served from a stale cache)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        path = self._fs_path(relpath)
+        try:
+            if self.is_local:
+                with open(path, "rb") as f:
+                    return f.read()
+            self.fs.invalidate_cache(path)
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except IsADirectoryError as e:
+            raise FileNotFoundError(f"{self.path(relpath)} is a directory") from e
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot read {self.path(relpath)}: {describe_error(e)}") from e
+
+    def size(self, relpath: str) -> int:
+        """Size in bytes of the file at ``relpath`` (FileNotFoundError when missing)."""
+        path = self._fs_path(relpath)
+        try:
+            if self.is_local:
+                return os.stat(path).st_size
+            self.fs.invalidate_cache(path)
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            raise
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot stat {self.path(relpath)}: {describe_error(e)}") from e
+        if info["type"] != "file":
+            raise FileNotFoundError(f"{self.path(relpath)} is not a file")
+        return info["size"]
+
+    def exists(self, relpath: str) -> bool:
+        path = self._fs_path(relpath)
+        if self.is_local:
+            return os.path.exists(path)
+        self.fs.invalidate_cache(path)
+        try:
+            return self.fs.exists(path)
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot look up {self.path(relpath)}: {describe_error(e)}") from e
+
+    def listdir(self, relpath: str) -> list[str]:
+        """Sorted names in the directory ``relpath``; [] when it does not exist."""
+        path = self._fs_path(relpath)
+        try:
+            if self.is_local:
+                return sorted(os.listdir(path))
+            self.fs.invalidate_cache(path)
+            entries = self.fs.ls(path, detail=False, refresh=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot list {self.path(relpath)}: {describe_error(e)}") from e
+        if [e.rstrip("/") for e in entries] == [path]:
+            return []  # a file, not a directory
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+    def find(self, relpath: str) -> list[str]:
+        """Every file below ``relpath``, as sorted paths relative to it; [] when it does not exist.
+
+        One listing on object stores (no per-directory round trips).
+        """
+        path = self._fs_path(relpath)
+        if self.is_local:
+            out = []
+            for dirpath, _, files in os.walk(path):
+                rel = os.path.relpath(dirpath, path)
+                out += [f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}" for f in files]
+            return sorted(out)
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            return []
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot list {self.path(relpath)}: {describe_error(e)}") from e
+        prefix = path + "/"
+        return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
+
+    def delete(self, relpath: str, recursive: bool = False) -> None:
+        """Delete a file (or a directory tree with ``recursive``); nothing to delete is not an error."""
+        path = self._fs_path(relpath)
+        try:
+            if self.is_local:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    if recursive:
+                        shutil.rmtree(path)
+                    else:
+                        os.rmdir(path)
+                else:
+                    os.remove(path)
+                _fsync_dir(os.path.dirname(path))
+                return
+            self.fs.invalidate_cache(path)
+            self.fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Cannot delete {self.path(relpath)}: {describe_error(e)}") from e
+        finally:
+            if not self.is_local:
+                self.fs.invalidate_cache(path)
+
+    # ------------------------------------------------------------------------------------------------
+    # Probing
+
+    def check_writable(self) -> None:
+        """Create and delete a probe file; raise :class:`StorageError` naming the URL and the cause.
+
+        On object stores the probe uses short connect timeouts and a single attempt, so a dead endpoint
+        or a missing bucket is reported in about a second instead of after minutes of retries.
+        """
+        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            if self.is_local:
+                if not self.create_exclusive(probe, b""):
+                    raise StorageError(f"Work dir {self.url}: probe file {probe} already exists")
+                self.delete(probe)
+                return
+            fs = self._probe_fs()
+            path = self._fs_path(probe)
+            fs.pipe_file(path, b"")
+            fs.rm_file(path)
+        except StorageError as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise StorageError(f"Work dir {self.url} is not writable: {describe_error(cause)}") from cause
+        except _STORAGE_ERRORS as e:
+            raise StorageError(f"Work dir {self.url} is not writable: {self._explain(e)}") from e
+
+    def _probe_fs(self) -> fsspec.AbstractFileSystem:
+        if self.protocol not in ("s3", "s3a"):
+            return self.fs
+        options = dict(self.storage_options)
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", 3)
+        config.setdefault("read_timeout", 10)
+        config.setdefault("retries", {"max_attempts": 1})
+        options["config_kwargs"] = config
+        fs = type(self.fs)(skip_instance_cache=True, **options)
+        fs.retries = 1
+        return fs
+
+    def _explain(self, error: BaseException) -> str:
+        text = describe_error(error)
+        if self.protocol not in ("s3", "s3a"):
+            return text
+        endpoint = (self.storage_options.get("endpoint_url")
+                    or (self.storage_options.get("client_kwargs") or {}).get("endpoint_url")
+                    or "the default AWS endpoint")
+        bucket = self._root.split("/", 1)[0]
+        name = type(error).__name__
+        if isinstance(error, FileNotFoundError):
+            return f"no such bucket '{bucket}' at {endpoint} ({text})"
+        if isinstance(error, PermissionError):
+            return f"access denied to bucket '{bucket}' at {endpoint} ({text})"
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                    f"AWS_PROFILE), or checkpoint.storage_options key/secret ({text})")
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+            return f"endpoint {endpoint} unreachable: {text}"
+        return text
+
+
+def s3_options(options: dict) -> dict:
+    """``storage_options`` for s3fs with the endpoint taken from the environment when not given.
+
+    botocore reads ``AWS_ENDPOINT_URL`` by itself, but fsspec caches filesystem instances by their
+    arguments, so an endpoint that only lives in the environment would let two endpoints share one
+    cached instance. ``FSSPEC_S3_ENDPOINT_URL`` is only read by fsspec at import time; it is honoured here
+    at call time too.
+    """
+    options = dict(options)
+    client_kwargs = options.get("client_kwargs") or {}
+    if not options.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
+        for var in _ENDPOINT_VARS:
+            if os.environ.get(var):
+                options["endpoint_url"] = os.environ[var]
+                break
+    return options
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line cause, with the root OS-level reason (e.g. connection refused) when there is one."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
+            return f"{text} (connection refused)"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, OSError) and error.errno and os.strerror(error.errno) not in text:
+        return f"{text} ({os.strerror(error.errno)})"
+    return text
+
+
+def is_shared_path(url: str) -> bool:
+    """Whether ``url`` is probably visible from every node: any URL, or a network file system mount.
+
+    A heuristic for a warning: a multi-node run whose work dir is on node-local disk cannot resume on
+    another node.
+    """
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol not in (None, "file", "local"):
+        return True
+    try:
+        with open("/proc/mounts") as f:
+            mounts = f.read()
+    except OSError:
+        return False
+    fstype = mount_fs_type(os.path.abspath(os.path.expanduser(path)), mounts)
+    return fstype is not None and is_network_fs(fstype)
+
+
+def is_network_fs(fstype: str) -> bool:
+    """Network or FUSE file systems (``fuse.sshfs``, ``fuse.juicefs``...); ``fuseblk`` is a local disk."""
+    return fstype in _NETWORK_FS or fstype.startswith("fuse.")
+
+
+def mount_fs_type(path: str, mounts: str) -> str | None:
+    """The file system type of the mount holding ``path``, from ``/proc/mounts`` content."""
+    path = os.path.realpath(path)
+    best, best_type = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = _unescape_mount(fields[1])
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type
+
+
+def _unescape_mount(field: str) -> str:
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local helpers
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a directory entry change (create, rename, delete) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems (e.g. certain network mounts) refuse directory fsync
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: str) -> None:
+    """``os.makedirs`` that also fsyncs the parent of every directory it creates."""
+    missing = []
+    head = path
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+        _fsync_dir(os.path.dirname(directory))
+
+
+def _create_without_link(final: str, data: bytes) -> bool:
+    try:
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(os.path.dirname(final))
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _discard(f: Any) -> None:
+    """Throw away an fsspec file opened for writing without publishing anything.
+
+    ``discard`` aborts an S3 multipart upload; marking the file closed keeps ``close()`` (also called
+    from ``__del__``) from uploading the buffered rest as a truncated object.
+    """
+    try:
+        f.discard()
+    except Exception:  # the abort is best effort; an unfinished upload is invisible anyway
+        pass
+    f.closed = True

@@ -1,0 +1,595 @@
+"""CheckpointStore and AsyncSaver on local disk and on a real S3 endpoint (moto server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+
+import pytest
+import torch
+from s3 import s3_env
+
+from elastic_det.checkpoint import (
+    AsyncSaver,
+    CheckpointStore,
+    Manifest,
+    StaleCheckpointError,
+    snapshot_to_cpu,
+    step_dir,
+)
+from elastic_det.errors import CheckpointError, StorageError
+from elastic_det.storage import WorkDir
+
+META = {"config_hash": "cfg123", "world_size": 2, "reason": "interval", "metrics": {}}
+SMALL_BLOCK = {"default_block_size": 5 * 2**20}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=["local", "s3"])
+def url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "work")
+    return request.getfixturevalue("s3_bucket") + "/run"
+
+
+def make_state(step: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    return {
+        "model": OrderedDict(w=torch.randn(4, 3, generator=g), b=torch.randn(3, generator=g)),
+        "optimizer": {"state": {0: {"momentum_buffer": torch.randn(4, 3, generator=g)}},
+                      "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]},
+        "progress": {"epoch": 1, "step_in_epoch": 5, "global_step": step},
+        "seed": 0,
+    }
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+class Recorder:
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+
+
+def data_rel(store: CheckpointStore, step: int) -> str:
+    manifest = Manifest.from_json(store.work_dir.read_bytes(f"{step_dir(step)}/manifest.json"))
+    return f"{step_dir(step)}/{manifest.data}"
+
+
+def write_raw_checkpoint(wd: WorkDir, step: int, obj) -> None:
+    """A checkpoint whose data is an arbitrary torch.save payload under a valid, matching manifest."""
+    size, sha = wd.write_atomic(f"{step_dir(step)}/state-raw.pt", lambda f: torch.save(obj, f))
+    manifest = Manifest(step=step, data="state-raw.pt", size=size, sha256=sha)
+    assert wd.create_exclusive(f"{step_dir(step)}/manifest.json", manifest.to_json().encode())
+
+
+class OpensAFile:
+    """Unpickling this (without weights_only) would create a file: loading must never run it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save and load
+
+
+def test_round_trip(url):
+    store = CheckpointStore(WorkDir(url))
+    assert store.load_latest() is None
+    state = make_state(10)
+    manifest = store.save(10, state, {**META, "metrics": {"loss": 1.5}})
+    checkpoint = store.load_latest()
+    assert checkpoint is not None
+    assert_same(state, checkpoint.state)
+    assert checkpoint.manifest == manifest
+    assert checkpoint.location == store.location(10) == store.work_dir.path("checkpoints/step-00000010")
+    assert (manifest.step, manifest.config_hash, manifest.world_size, manifest.reason) == (10, "cfg123", 2,
+                                                                                          "interval")
+    assert manifest.metrics == {"loss": 1.5}
+    assert set(manifest.versions) == {"torch", "torchvision", "elastic_det", "python"}
+    assert manifest.size == store.work_dir.size(data_rel(store, 10))
+    assert store.committed_steps() == [10]
+    on_disk = json.loads(store.work_dir.read_bytes("checkpoints/step-00000010/manifest.json"))
+    assert on_disk["sha256"] == manifest.sha256 and on_disk["format_version"] == 1
+
+
+def test_truncated_newest_falls_back(url):
+    events = Recorder()
+    store = CheckpointStore(WorkDir(url), on_event=events)
+    store.save(10, make_state(10), META)
+    store.save(20, make_state(20), META)
+    rel = data_rel(store, 20)
+    store.work_dir.write_bytes_atomic(rel, store.work_dir.read_bytes(rel)[:-100])
+    checkpoint = store.load_latest()
+    assert checkpoint.manifest.step == 10
+    assert_same(make_state(10), checkpoint.state)
+    assert len(events.events) == 1
+    event = events.events[0]
+    assert event["event"] == "fallback" and event["step"] == 20
+    assert event["checkpoint"] == store.work_dir.path("checkpoints/step-00000020")
+    assert "truncated" in event["reason"]
+
+
+def test_wrong_sha_falls_back(url):
+    events = Recorder()
+    store = CheckpointStore(WorkDir(url), on_event=events)
+    store.save(10, make_state(10), META)
+    store.save(20, make_state(20), META)
+    rel = data_rel(store, 20)
+    data = bytearray(store.work_dir.read_bytes(rel))
+    data[len(data) // 2] ^= 0xFF
+    store.work_dir.write_bytes_atomic(rel, bytes(data))
+    assert store.load_latest().manifest.step == 10
+    assert [e["step"] for e in events.events] == [20]
+    assert "sha256" in events.events[0]["reason"]
+    with pytest.raises(CheckpointError, match="step-00000020.*sha256"):
+        store.load(store.work_dir.path(step_dir(20)))
+
+
+def test_step_without_manifest_is_skipped(url):
+    events = Recorder()
+    store = CheckpointStore(WorkDir(url), on_event=events)
+    store.save(10, make_state(10), META)
+    store.work_dir.write_atomic(f"{step_dir(20)}/state-orphan.pt", lambda f: torch.save(make_state(20), f))
+    assert store.committed_steps() == [10]
+    assert store.load_latest().manifest.step == 10
+    assert [(e["step"], "no manifest.json" in e["reason"]) for e in events.events] == [(20, True)]
+
+
+def test_unparseable_manifest_falls_back_and_can_be_replaced(url):
+    events = Recorder()
+    store = CheckpointStore(WorkDir(url), on_event=events)
+    store.save(10, make_state(10), META)
+    store.work_dir.write_bytes_atomic(f"{step_dir(20)}/manifest.json", b'{"step": 20, "da')
+    assert store.load_latest().manifest.step == 10
+    assert "not valid JSON" in events.events[0]["reason"]
+    store.save(20, make_state(20), META)  # the invalid manifest was never a commit: it is replaced
+    checkpoint = store.load_latest()
+    assert checkpoint.manifest.step == 20
+    assert_same(make_state(20), checkpoint.state)
+
+
+def test_loading_never_executes_code(url, tmp_path):
+    marker = tmp_path / "executed"
+    events = Recorder()
+    store = CheckpointStore(WorkDir(url), on_event=events)
+    store.save(10, make_state(10), META)
+    write_raw_checkpoint(store.work_dir, 20, {"model": OpensAFile(str(marker))})
+    assert store.load_latest().manifest.step == 10
+    assert "weights_only" in events.events[0]["reason"]
+    with pytest.raises(CheckpointError, match="weights_only"):
+        store.load(store.work_dir.path(step_dir(20)))
+    assert not marker.exists()
+
+
+def test_load_explicit_forms(url):
+    store = CheckpointStore(WorkDir(url))
+    store.save(10, make_state(10), META)
+    store.save(20, make_state(20), META)
+    wd = store.work_dir
+    for target, step in [(wd.path(step_dir(10)), 10), (wd.path(f"{step_dir(10)}/manifest.json"), 10),
+                         (wd.path(data_rel(store, 10)), 10), (wd.url, 20), (wd.url + "/", 20)]:
+        checkpoint = store.load(target)
+        assert checkpoint.manifest.step == step, target
+        assert_same(make_state(step), checkpoint.state)
+
+
+def test_load_explicit_errors(url, tmp_path):
+    store = CheckpointStore(WorkDir(url))
+    missing = store.work_dir.path("nope")
+    with pytest.raises(CheckpointError, match="does not exist") as info:
+        store.load(missing)
+    assert missing in str(info.value)
+    store.work_dir.write_bytes_atomic("other/file.txt", b"x")
+    with pytest.raises(CheckpointError, match="neither"):
+        store.load(store.work_dir.path("other"))
+    store.save(10, make_state(10), META)
+    rel = data_rel(store, 10)
+    store.work_dir.write_bytes_atomic(rel, b"garbage")
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        store.load(store.work_dir.url)  # an explicit work dir: its newest, no silent fallback
+    assert store.work_dir.path(step_dir(10)) in str(info.value)
+
+
+def test_export_weights_and_load_bare_files(url):
+    store = CheckpointStore(WorkDir(url))
+    state = make_state(30)
+    store.save(30, state, META)
+    checkpoint = store.load_latest()
+    store.export_weights(checkpoint, "exports/model.pt")
+    exported = store.load(store.work_dir.path("exports/model.pt"))
+    assert list(exported.state) == ["model"]
+    assert_same(state["model"], exported.state["model"])
+    assert exported.manifest.size == store.work_dir.size("exports/model.pt")
+    store.work_dir.write_atomic("full.pt", lambda f: torch.save(state, f))  # a plain torch.save, no manifest
+    bare = store.load(store.work_dir.path("full.pt"))
+    assert bare.manifest.step == 30
+    assert_same(state, bare.state)
+
+
+def test_manifest_rejects_bad_records():
+    good = Manifest(step=1, data="state-1.pt", size=3, sha256="a" * 64)
+    assert Manifest.from_json(good.to_json()) == good
+    for change, reason in [({"data": "../../etc/passwd"}, "plain file name"), ({"sha256": "xyz"}, "64 hex"),
+                           ({"format_version": 99}, "newer"), ({"step": "1"}, "step"),
+                           ({"metrics": {"a": "high"}}, "malformed")]:
+        raw = {**json.loads(good.to_json()), **change}
+        with pytest.raises(ValueError, match=reason):
+            Manifest.from_json(json.dumps(raw))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writers: stale, concurrent, failing
+
+
+def test_stale_writer_is_refused(url):
+    new = CheckpointStore(WorkDir(url))
+    new.save(20, make_state(20), META)
+    old = CheckpointStore(WorkDir(url))
+    with pytest.raises(StaleCheckpointError, match="step 20 is already committed") as info:
+        old.save(10, make_state(10), META)
+    assert isinstance(info.value, StorageError)
+    assert old.committed_steps() == [20]
+    assert [p for p in old.work_dir.find("checkpoints") if "step-00000010" in p] == []
+
+
+def test_stale_detected_after_the_data_write(url, monkeypatch):
+    """A newer attempt commits while this writer uploads: no commit, no retention, data removed."""
+    old = CheckpointStore(WorkDir(url), keep_last=1)
+    old.save(5, make_state(5), META)
+    new = CheckpointStore(WorkDir(url))
+    write = old.work_dir.write_atomic
+
+    def write_while_newer_commits(relpath, write_fn):
+        result = write(relpath, write_fn)
+        new.save(30, make_state(30), META)
+        return result
+
+    monkeypatch.setattr(old.work_dir, "write_atomic", write_while_newer_commits)
+    with pytest.raises(StaleCheckpointError):
+        old.save(10, make_state(10), META)
+    assert old.committed_steps() == [5, 30]
+    assert [p for p in old.work_dir.find("checkpoints") if "step-00000010" in p] == []
+
+
+def test_saving_resumes_after_falling_back_past_a_corrupt_newest(tmp_path):
+    """A corrupt newer checkpoint must not make every later save look stale."""
+    store = CheckpointStore(WorkDir(str(tmp_path)), keep_last=2)
+    _save_steps(store, [20, 30])
+    rel = data_rel(store, 30)
+    data = bytearray(store.work_dir.read_bytes(rel))
+    data[100] ^= 0xFF  # same size, wrong content
+    store.work_dir.write_bytes_atomic(rel, bytes(data))
+    resumed = CheckpointStore(WorkDir(str(tmp_path)), keep_last=2)
+    assert resumed.load_latest().manifest.step == 20
+    resumed.save(25, make_state(25), META)
+    resumed.save(40, make_state(40), META)
+    assert resumed.committed_steps() == [25, 40]  # the corrupt step 30 went with retention
+    with pytest.raises(StaleCheckpointError):
+        CheckpointStore(WorkDir(str(tmp_path))).save(35, make_state(35), META)
+
+
+def test_same_step_already_committed_returns_existing(url):
+    first = CheckpointStore(WorkDir(url))
+    committed = first.save(10, make_state(10, seed=1), META)
+    second = CheckpointStore(WorkDir(url))
+    assert second.save(10, make_state(10, seed=2), META) == committed
+    assert_same(make_state(10, seed=1), second.load_latest().state)
+
+
+def test_concurrent_commit_of_same_step_keeps_the_winner(url, monkeypatch):
+    loser = CheckpointStore(WorkDir(url))
+    winner = CheckpointStore(WorkDir(url))
+    write = loser.work_dir.write_atomic
+    won = {}
+
+    def write_while_other_commits(relpath, write_fn):
+        result = write(relpath, write_fn)
+        won["manifest"] = winner.save(10, make_state(10, seed=1), META)
+        return result
+
+    monkeypatch.setattr(loser.work_dir, "write_atomic", write_while_other_commits)
+    assert loser.save(10, make_state(10, seed=2), META) == won["manifest"]
+    assert_same(make_state(10, seed=1), loser.load_latest().state)
+    assert len([p for p in loser.work_dir.find(step_dir(10)) if p.endswith(".pt")]) == 1
+
+
+def test_failed_save_leaves_older_checkpoints_intact(url, request):
+    wd = WorkDir(url, SMALL_BLOCK if "://" in url else None)
+    store = CheckpointStore(wd, keep_last=1)
+    store.save(10, make_state(10), META)
+    broken = {"big": torch.ones(3 * 2**20), "not_saveable": lambda: None}  # 12 MB written, then it fails
+    with pytest.raises(Exception, match="lambda|pickle"):
+        store.save(20, broken, META)
+    assert store.committed_steps() == [10]
+    assert [p for p in wd.find("checkpoints") if "step-00000020" in p] == []
+    assert_same(make_state(10), store.load_latest().state)
+    if not wd.is_local:
+        bucket = url.split("/")[2]
+        uploads = request.getfixturevalue("s3_server").client().list_multipart_uploads(Bucket=bucket)
+        assert uploads.get("Uploads", []) == []
+
+
+def test_storage_failure_mid_save_local(tmp_path):
+    """A step path the store cannot write (its parent is a file: like a full or broken disk)."""
+    store = CheckpointStore(WorkDir(str(tmp_path)))
+    store.save(10, make_state(10), META)
+    (tmp_path / "checkpoints" / "step-00000020").write_text("in the way")
+    with pytest.raises(StorageError, match="step-00000020"):
+        store.save(20, make_state(20), META)
+    assert store.committed_steps() == [10]
+    assert store.load_latest().manifest.step == 10
+
+
+def test_commit_whose_response_is_lost_counts_as_committed(tmp_path, monkeypatch):
+    store = CheckpointStore(WorkDir(str(tmp_path)))
+    create = store.work_dir.create_exclusive
+
+    def create_then_lose_the_answer(relpath, data):
+        create(relpath, data)
+        raise StorageError("connection reset after the write")
+
+    monkeypatch.setattr(store.work_dir, "create_exclusive", create_then_lose_the_answer)
+    assert store.save(10, make_state(10), META).step == 10
+    assert store.load_latest().manifest.step == 10
+
+
+def test_failed_commit_commits_nothing(tmp_path, monkeypatch):
+    store = CheckpointStore(WorkDir(str(tmp_path)), keep_last=1)
+    store.save(10, make_state(10), META)
+
+    def refuse(relpath, data):
+        raise StorageError("bucket went read-only")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store.work_dir, "create_exclusive", refuse)
+        with pytest.raises(StorageError, match="read-only"):
+            store.save(20, make_state(20), META)
+    assert store.committed_steps() == [10]
+    assert store.load_latest().manifest.step == 10
+    store.save(30, make_state(30), META)  # the uncommitted data of step 20 goes with retention
+    assert sorted({p.split("/")[0] for p in store.work_dir.find("checkpoints")}) == ["step-00000030"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_work_dir_local(tmp_path):
+    store = CheckpointStore(WorkDir(str(tmp_path)))
+    store.save(10, make_state(10), META)
+    (tmp_path / "checkpoints").chmod(0o500)
+    try:
+        with pytest.raises(StorageError, match="Permission denied"):
+            store.save(20, make_state(20), META)
+    finally:
+        (tmp_path / "checkpoints").chmod(0o700)
+    assert store.load_latest().manifest.step == 10
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Retention
+
+
+def _save_steps(store, steps, metrics=None):
+    for i, step in enumerate(steps):
+        store.save(step, make_state(step), {**META, "metrics": metrics[i] if metrics else {}})
+
+
+def test_retention_keep_last(url):
+    store = CheckpointStore(WorkDir(url), keep_last=2)
+    _save_steps(store, [1, 2, 3, 4, 5])
+    assert store.committed_steps() == [4, 5]
+    assert {p.split("/")[0] for p in store.work_dir.find("checkpoints")} == {"step-00000004", "step-00000005"}
+
+
+def test_retention_keep_every_and_best(tmp_path):
+    every = CheckpointStore(WorkDir(str(tmp_path / "every")), keep_last=1, keep_every=2)
+    _save_steps(every, [1, 2, 3, 4, 5])
+    assert every.committed_steps() == [2, 4, 5]
+    best = CheckpointStore(WorkDir(str(tmp_path / "best")), keep_last=1, keep_best="acc")
+    _save_steps(best, [1, 2, 3, 4, 5], [{"acc": a} for a in (0.1, 0.9, 0.3, 0.2, 0.4)])
+    assert best.committed_steps() == [2, 5]
+    lowest = CheckpointStore(WorkDir(str(tmp_path / "loss")), keep_last=1, keep_best="min:loss")
+    _save_steps(lowest, [1, 2, 3], [{"loss": v} for v in (0.5, 0.2, 0.7)])
+    assert lowest.committed_steps() == [2, 3]
+    everything = CheckpointStore(WorkDir(str(tmp_path / "all")), keep_last=0)
+    _save_steps(everything, [1, 2, 3])
+    assert everything.committed_steps() == [1, 2, 3]
+
+
+def test_retention_removes_uncommitted_debris_and_never_newer(tmp_path):
+    store = CheckpointStore(WorkDir(str(tmp_path)), keep_last=1)
+    store.save(1, make_state(1), META)
+    store.work_dir.write_bytes_atomic(f"{step_dir(2)}/state-partial.pt", b"partial")  # a killed writer
+    store.work_dir.write_bytes_atomic(f"{step_dir(9)}/state-partial.pt", b"newer, in progress")
+    store.save(3, make_state(3), META)
+    assert sorted({p.split("/")[0] for p in store.work_dir.find("checkpoints")}) == [
+        "step-00000003", "step-00000009"]
+
+
+def test_retention_failure_does_not_fail_the_save(tmp_path, monkeypatch):
+    store = CheckpointStore(WorkDir(str(tmp_path)), keep_last=1)
+    store.save(1, make_state(1), META)
+
+    def refuse(relpath, recursive=False):
+        raise StorageError(f"Cannot delete {relpath}: simulated")
+
+    monkeypatch.setattr(store.work_dir, "delete", refuse)
+    assert store.save(2, make_state(2), META).step == 2
+    assert store.committed_steps() == [1, 2]
+    assert store.load_latest().manifest.step == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Async saving
+
+
+def test_snapshot_is_an_independent_copy_and_reuses_buffers():
+    live = make_state(1)
+    live["model"]._metadata = {"": {"version": 2}}
+    live["tied"] = live["model"]["w"]
+    snap = snapshot_to_cpu(live)
+    assert_same(live, snap)
+    assert snap["tied"] is snap["model"]["w"]
+    assert snap["model"]._metadata == {"": {"version": 2}}
+    live["model"]["w"].add_(1)
+    assert not torch.equal(live["model"]["w"], snap["model"]["w"])
+    pointer = snap["model"]["w"].data_ptr()
+    again = snapshot_to_cpu(live, reuse=snap)
+    assert again["model"]["w"].data_ptr() == pointer
+    assert torch.equal(again["model"]["w"], live["model"]["w"])
+    assert again["model"]["w"].data_ptr() != live["model"]["w"].data_ptr()
+
+
+def test_async_save_snapshots_before_returning(tmp_path):
+    store = CheckpointStore(WorkDir(str(tmp_path)))
+    saver = AsyncSaver(store)
+    live = make_state(5)
+    expected = snapshot_to_cpu(live)
+    results = []
+    saver.submit(5, live, META, lambda m, e, s: results.append((m, e, s)))
+    for tensor in (live["model"]["w"], live["optimizer"]["state"][0]["momentum_buffer"]):
+        tensor.mul_(0).add_(42)  # the training loop goes on, in place
+    live["progress"]["global_step"] = 6
+    saver.wait()
+    assert not saver.in_flight()
+    (manifest, error, seconds), = results
+    assert error is None and manifest.step == 5 and seconds > 0
+    assert_same(expected, store.load_latest().state)
+
+
+class BlockingStore:
+    """Stands in for CheckpointStore: each save waits for a release, or fails when told to."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.saved: list[int] = []
+        self.fail = False
+
+    def save(self, step, state, meta):
+        if not self.release.wait(timeout=30):
+            raise TimeoutError("never released")
+        if self.fail:
+            raise StorageError("disk on fire")
+        self.saved.append(step)
+        return Manifest(step=step, data="x.pt", size=0, sha256="0" * 64)
+
+
+def test_async_submit_waits_for_the_save_in_flight():
+    store = BlockingStore()
+    saver = AsyncSaver(store)
+    done = []
+    saver.submit(1, {"x": torch.zeros(2)}, {}, lambda m, e, s: done.append(m.step))
+    assert saver.in_flight()
+    second = threading.Thread(target=saver.submit, args=(2, {"x": torch.ones(2)}, {},
+                                                         lambda m, e, s: done.append(m.step)))
+    second.start()
+    second.join(timeout=0.3)
+    assert second.is_alive() and done == []  # blocked behind the first save
+    store.release.set()
+    second.join(timeout=30)
+    saver.wait()
+    assert done == [1, 2] and store.saved == [1, 2]
+
+
+def test_async_on_done_reports_errors():
+    store = BlockingStore()
+    store.fail = True
+    store.release.set()
+    saver = AsyncSaver(store)
+    results = []
+    saver.submit(3, {"x": torch.zeros(2)}, {}, lambda m, e, s: results.append((m, e)))
+    saver.wait()
+    (manifest, error), = results
+    assert manifest is None and isinstance(error, StorageError) and "disk on fire" in str(error)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SIGKILL mid-write
+
+WRITER = """
+import sys, torch
+from elastic_det.checkpoint import CheckpointStore
+from elastic_det.storage import WorkDir
+url, mb, block = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+store = CheckpointStore(WorkDir(url, {"default_block_size": block} if block else None))
+store.save(2, {"model": {"w": torch.ones(mb * 2**20 // 4)}}, {})
+print("committed", flush=True)
+"""
+
+
+def _start_writer(url: str, mb: int, block: int = 0, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, url, str(mb), str(block)], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _kill_when(process: subprocess.Popen, condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            if process.poll() is not None:
+                pytest.fail(f"writer finished before it could be killed: {process.communicate()}")
+            if time.monotonic() > deadline:
+                pytest.fail("the write never started")
+            time.sleep(0.002)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+
+def _assert_previous_survives(store: CheckpointStore) -> None:
+    assert store.committed_steps() == [1]
+    checkpoint = store.load_latest()
+    assert checkpoint.manifest.step == 1
+    assert_same(make_state(1), checkpoint.state)
+
+
+def test_sigkill_mid_write_local(tmp_path):
+    events = Recorder()
+    store = CheckpointStore(WorkDir(str(tmp_path)), on_event=events)
+    store.save(1, make_state(1), META)
+    step2 = tmp_path / "checkpoints" / "step-00000002"
+    process = _start_writer(str(tmp_path), mb=200)
+    _kill_when(process, lambda: step2.is_dir() and any(n.endswith(".tmp") for n in os.listdir(step2)))
+    _assert_previous_survives(store)
+    assert [(e["step"], "no manifest.json" in e["reason"]) for e in events.events] == [(2, True)]
+    store.save(3, make_state(3), META)  # the next commit cleans the debris up
+    assert not step2.exists()
+
+
+def test_sigkill_mid_multipart_upload_s3(s3_bucket, s3_server):
+    url = s3_bucket + "/run"
+    events = Recorder()
+    store = CheckpointStore(WorkDir(url), on_event=events)
+    store.save(1, make_state(1), META)
+    client, bucket = s3_server.client(), url.split("/")[2]
+    process = _start_writer(url, mb=60, block=5 * 2**20, env=s3_env(s3_server.endpoint))
+    _kill_when(process, lambda: client.list_multipart_uploads(Bucket=bucket).get("Uploads"))
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert not [k for k in keys if "step-00000002" in k]  # the killed upload published nothing
+    _assert_previous_survives(store)

