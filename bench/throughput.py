@@ -32,7 +32,7 @@ from elastic_det.trainer import train
 
 def overrides(steps: int, work_dir: str) -> list[str]:
     return [f"train.max_steps={steps}", "train.validate=false", "checkpoint.interval=0", "log.interval=1",
-            "log.progress_bar=off", f"work_dir={work_dir}"]
+            "log.progress_bar=never", f"work_dir={work_dir}"]
 
 
 def plain_loop(cfg, steps: int, warmup: int) -> float:

@@ -142,7 +142,7 @@ class CheckpointConfig:
 class LogConfig:
     interval: int = 20  # global steps
     tensorboard: bool = False
-    progress_bar: str = "auto"  # auto (when attached to a terminal) | on | off
+    progress_bar: str = "auto"  # auto (when attached to a terminal) | always | never
 
 
 @dataclass
@@ -176,7 +176,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.type": ("sgd", "adamw"),
     "schedule.policy": ("multistep", "cosine", "constant"),
     "model.norm": ("auto", "frozen_bn", "bn", "sync_bn", "group_norm"),
-    "log.progress_bar": ("auto", "on", "off"),
+    "log.progress_bar": ("auto", "always", "never"),
     "elastic.batch_policy": ("fixed_global", "scale_lr"),
     "dist.backend": ("auto", "gloo", "nccl"),
 }

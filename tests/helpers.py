@@ -17,10 +17,10 @@ PYTHON = sys.executable
 
 # A run that takes seconds: tiny model, tiny images, tiny synthetic set, no evaluation.
 FAST = [
-    "model.width=16", "model.min_size=64", "model.max_size=64",
+    "model.width=32", "model.min_size=64", "model.max_size=64",
     "data.shapes.num_train=96", "data.shapes.num_val=16", "data.shapes.image_size=64",
     "data.global_batch_size=8", "data.num_workers=0", "data.train_transforms.flip_prob=0.5",
-    "train.validate=false", "log.interval=1", "log.progress_bar=off",
+    "train.validate=false", "log.interval=1", "log.progress_bar=never",
     "schedule.warmup_steps=2", "optimizer.lr=0.01",
 ]
 

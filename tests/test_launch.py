@@ -706,9 +706,8 @@ SIGNAL_AFTER_STEP = 3
 
 
 def real_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    venv_bin = str(Path(sys.executable).parent)
-    env = clean_env(PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
-                    PYTHONUNBUFFERED="1", **extra)
+    extra.setdefault("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

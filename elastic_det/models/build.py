@@ -47,6 +47,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if ":" in cfg.type:
         model = _import(cfg.type)(cfg, num_classes)
     elif cfg.type in TINY_BUILDERS:
+        if cfg.width % 32:
+            raise ConfigError(f"model.width={cfg.width}: the tiny models' heads use GroupNorm(32), so the width "
+                              "must be a multiple of 32.")
         model = TINY_BUILDERS[cfg.type](num_classes, cfg.width, cfg.norm, cfg.min_size, cfg.max_size)
     elif cfg.type in TORCHVISION_BUILDERS:
         model = _torchvision_detector(cfg, num_classes)

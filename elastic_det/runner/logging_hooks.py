@@ -50,7 +50,7 @@ class LoggerHook(Hook):
         self.metrics = metrics
         self.interval = interval
         self.is_main = is_main
-        self.show_bar = is_main and (progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty()))
+        self.show_bar = is_main and (progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty()))
         self.tensorboard_dir = tensorboard_dir if is_main else None
         self._sums: dict[str, float] = {}
         self._samples = 0
