@@ -35,7 +35,8 @@ RUN pip install --no-cache-dir . \
 COPY launch ./launch
 COPY configs ./configs
 
-RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash trainer \
+RUN chmod 0755 launch/*.sh launch/slurm/*.sbatch \
+    && useradd --create-home --uid 1000 --user-group --shell /bin/bash trainer \
     && mkdir -p /workspace \
     && chown trainer:trainer /workspace
 

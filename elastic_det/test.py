@@ -28,9 +28,14 @@ from torchvision.utils import draw_bounding_boxes
 from . import dist
 from .checkpoint.store import CheckpointStore
 from .config import Config, load_config
+from .data.build import build_dataset
+from .data.loader import build_val_loader
+from .data.transforms import build_transforms
 from .errors import USER_ERROR_EXIT_CODE, CheckpointError, StorageError, UserError
 from .evaluation.coco_eval import CocoReport, format_table, run_cocoeval
 from .evaluation.inference import predict
+from .models.build import build_model
+from .models.weights import load_model_state
 from .run_files import setup_text_logging
 from .storage import WorkDir
 
@@ -70,14 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, info: dist.DistInfo, show_dir: str | None = None,
-         score_thr: float = 0.3, out: str | None = None) -> CocoReport | None:
+                        score_thr: float = 0.3, out: str | None = None) -> CocoReport | None:
     """Evaluate ``checkpoint`` on the val split; the report on rank 0 (printed there), None elsewhere."""
-    from .data.build import build_dataset
-    from .data.loader import build_val_loader
-    from .data.transforms import build_transforms
-    from .models.build import build_model
-    from .models.weights import load_model_state
-
     setup_text_logging(None, info.rank)
     if info.local_rank == 0:  # local rank 0 prepares generated data first; the others then read it
         dataset = build_dataset(cfg.data, "val")

@@ -21,7 +21,9 @@
 #   - TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (restarts hang without it, see DESIGN.md).
 #
 # Exit status: 0 done; 143 stopped by a signal after the preemption checkpoint (run again to resume);
-# 2 bad input (config, data, checkpoint); 1 anything else (torchrun gave up after MAX_RESTARTS).
+# 1 failed: torchrun gave up after MAX_RESTARTS worker-group restarts. Bad input (config, data,
+# checkpoint) is a failure too: each worker prints the one-paragraph error and exits 2, torchrun restarts
+# them MAX_RESTARTS times (seconds each) and then exits 1; look for "elastic_det: error:" in the output.
 #
 # Environment overrides (defaults in brackets):
 #   PYTHON            Python interpreter to run torchrun with [python3]; TORCHRUN overrides the whole command

@@ -23,7 +23,9 @@
 #      failed. torchrun itself exits 1, with a SignalException traceback, whenever it is stopped by a
 #      signal, whatever its workers returned, and 1 reads as a permanent failure to Kubeflow's ExitCode
 #      restart policy and to a Kubernetes podFailurePolicy; 143 reads as "preempted, run me again".
-#      Any other exit status of torchrun is passed on unchanged (0 done, 1 failed, ...).
+#      Any other exit status of torchrun is passed on unchanged: 0 done, 1 failed. torchrun reports a
+#      failed worker group as 1 whatever the workers' codes, so bad input (workers exit 2) also ends
+#      in 1, after --max-restarts quick retries.
 #
 # Environment:
 #   TORCHRUN   the torchrun command (default: torchrun on PATH, or "$PYTHON -m torch.distributed.run" when

@@ -593,3 +593,25 @@ def test_sigkill_mid_multipart_upload_s3(s3_bucket, s3_server):
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert not [k for k in keys if "step-00000002" in k]  # the killed upload published nothing
     _assert_previous_survives(store)
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "no_manifest"])
+def test_resaving_a_step_that_was_found_broken_commits_it_for_good(url, damage):
+    """After falling back past a broken step, training re-runs and re-saves that step: the new commit must
+    replace the broken one and survive later retention (keep everything)."""
+    store = CheckpointStore(WorkDir(url), keep_last=0)
+    store.save(10, make_state(10), META)
+    store.save(20, make_state(20), META)
+    if damage == "flip_byte":
+        rel = data_rel(store, 20)
+        data = bytearray(store.work_dir.read_bytes(rel))
+        data[len(data) // 2] ^= 0xFF
+        store.work_dir.write_bytes_atomic(rel, bytes(data))
+    else:
+        store.work_dir.delete(f"{step_dir(20)}/manifest.json")
+    resumed = CheckpointStore(WorkDir(url), keep_last=0)
+    assert resumed.load_latest().manifest.step == 10
+    resumed.save(20, make_state(20, seed=1), META)
+    resumed.save(30, make_state(30), META)
+    assert resumed.committed_steps() == [10, 20, 30]
+    assert_same(make_state(20, seed=1), resumed.load(resumed.work_dir.path(step_dir(20))).state)

@@ -311,9 +311,12 @@ def test_cli_bad_config_is_a_user_error(tmp_path):
 
 
 def _metrics_from_table(stdout: str) -> dict[str, float]:
-    return {m[1]: float(m[2]) for m in re.finditer(r"^(bbox_mAP\w*)\s+(-?[\d.]+)$", stdout, re.MULTILINE)}
+    """The metrics printed by format_table; "n/a" (no ground truth in that area range) as -1."""
+    rows = re.finditer(r"^(bbox_mAP\w*)\s+([\d.]+|n/a)$", stdout, re.MULTILINE)
+    return {m[1]: -1.0 if m[2] == "n/a" else float(m[2]) for m in rows}
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_after_training(tmp_path):
     for module in ("elastic_det.train", "elastic_det.models.build", "elastic_det.data.build",
                    "elastic_det.data.loader", "elastic_det.data.transforms"):
@@ -326,6 +329,14 @@ def test_cli_end_to_end_after_training(tmp_path):
     train = _run_module("-m", "elastic_det.train", "--work-dir", str(work), "--cfg-options", *options)
     assert train.returncode == 0, train.stderr[-3000:]
     config = str(work / "config.yaml")
+
+    # The trainer's own metrics.jsonl through elastic_det.plot.
+    from elastic_det import plot
+
+    series = plot.extract_series(plot.read_metrics(str(work / "metrics.jsonl")))
+    assert series.train_steps == [1, 2, 3, 4, 5] and series.steps_of("checkpoint") == [5]
+    assert plot.main([str(work), "-o", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
 
     show = tmp_path / "show"
     single = _run_module("-m", "elastic_det.test", config, str(work), "--show-dir", str(show),

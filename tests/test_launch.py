@@ -428,7 +428,7 @@ def test_indexed_job_manifest():
         return None
 
     assert action_for(PREEMPTED) == "Ignore"  # preempted after a checkpoint: replace the pod, no backoff
-    assert action_for(2) == "FailJob"  # bad input
+    assert action_for(1) is None  # torchrun's failure code: counted against backoffLimit
     assert any(rule["action"] == "Ignore" and {"type": "DisruptionTarget"} in rule.get("onPodConditions", [])
                for rule in rules)
 

@@ -96,6 +96,11 @@ class CheckpointStore:
             rel = step_dir(step)
             scan = self._scan()
             self._refuse_if_stale(step, scan)
+            if step in self._rejected and MANIFEST in scan.get(step, ()):
+                # found broken at resume (e.g. a checksum mismatch): its manifest was never a valid commit
+                log.warning("Replacing broken checkpoint step %d in %s", step, self.work_dir.path(rel))
+                self.work_dir.delete(f"{rel}/{MANIFEST}")
+                scan[step].discard(MANIFEST)
             if MANIFEST in scan.get(step, ()):
                 existing = self._valid_manifest(step)
                 if existing is not None:
@@ -129,6 +134,7 @@ class CheckpointStore:
                 self._delete_quietly(f"{rel}/{data_name}")
                 return committed
             self._manifests[step] = manifest
+            self._rejected.pop(step, None)
             try:
                 self._apply_retention(step)
             except Exception as e:  # the checkpoint is committed; leftovers are removed by a later save
@@ -189,6 +195,10 @@ class CheckpointStore:
             keep.add(best)
         for step in sorted(s for s in scan if s < new_step and s not in keep):
             self._delete_step(step, scan[step])
+        for step in sorted(s for s in keep if s < new_step and s in committed):
+            # debris of a write killed before this step was committed again: temp files, orphaned data
+            for name in scan[step] - {MANIFEST, committed[step].data}:
+                self._delete_quietly(f"{step_dir(step)}/{name}")
 
     def _best(self, committed: dict[int, Manifest]) -> int | None:
         if not self.keep_best:

@@ -7,7 +7,9 @@ has to be checkpointed. Workers ignore the preemption signals; only the main pro
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DataError
 
-_IGNORED_IN_WORKERS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+_IGNORED_IN_WORKERS = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -67,7 +69,7 @@ def build_train_loader(samples: TrainSamples, step_indices: Iterable[tuple[int, 
     """
     return _DataLoader(samples, batch_sampler=_StepBatches(step_indices), num_workers=num_workers,
                        collate_fn=detection_collate, pin_memory=pin_memory, persistent_workers=False,
-                       worker_init_fn=_ignore_signals if num_workers > 0 else None)
+                       worker_init_fn=_worker_signals if num_workers > 0 else None)
 
 
 def build_val_loader(dataset: Any, transforms: Callable, rank: int, world_size: int, batch_size: int,
@@ -77,7 +79,7 @@ def build_val_loader(dataset: Any, transforms: Callable, rank: int, world_size: 
     batches = [[(0, i) for i in indices[k:k + batch_size]] for k in range(0, len(indices), batch_size)]
     return _DataLoader(TrainSamples(dataset, transforms, seed=0), batch_sampler=batches,
                        num_workers=num_workers, collate_fn=detection_collate, persistent_workers=False,
-                       worker_init_fn=_ignore_signals if num_workers > 0 else None)
+                       worker_init_fn=_worker_signals if num_workers > 0 else None)
 
 
 class _StepBatches:
@@ -89,9 +91,28 @@ class _StepBatches:
             yield [(epoch, i) for i in indices]
 
 
-def _ignore_signals(worker_id: int) -> None:
+def _worker_signals(worker_id: int) -> None:
+    """Keep a worker alive through preemption signals, which are meant for the main process.
+
+    torchrun signals the trainer's whole process group and Slurm every process of the job, so workers
+    see SIGTERM/SIGINT/SIGUSR1/SIGUSR2 too; dying would fail the step the main process is finishing.
+    SIGINT and SIGUSR1/2 are ignored. SIGTERM is not simply ignored: the DataLoader (and
+    multiprocessing at interpreter exit) stop workers with SIGTERM, and ignoring that hangs the exit. So
+    SIGTERM is blocked and a thread exits the worker only when its parent, the main process, sent it.
+    """
     for sig in _IGNORED_IN_WORKERS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True,
+                     name="sigterm-filter").start()
+
+
+def _exit_on_parent_sigterm(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            # Exit status 0: the parent asked for it, and torch reports any other status as a failure.
+            os._exit(0)
 
 
 class _DataLoader(DataLoader):
@@ -116,11 +137,22 @@ class _CleanDataErrors:
         try:
             return next(self._iterator)
         except DataError as e:
-            text = str(e)
-            marker = f"{DataError.__module__}.{DataError.__qualname__}: "
-            if marker not in text:
+            message = _worker_message(str(e))
+            if message is None:
                 raise
-            raise DataError(text.rsplit(marker, 1)[1].strip() + " (in a data-loader worker)") from None
+            # torch's re-raising frame holds the exception, whose traceback holds that frame: a cycle
+            # that keeps the iterator, and so its workers, alive until garbage collection. Break it, and
+            # raise the clean error outside this block so that no frame holds ``e`` either.
+            e.__traceback__ = None
+        raise DataError(message)
 
     def __len__(self) -> int:
         return len(self._iterator)
+
+
+def _worker_message(text: str) -> str | None:
+    """The DataError message inside the worker traceback that DataLoader re-raises, or None."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    if marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip() + " (in a data-loader worker)"
