@@ -131,7 +131,7 @@ def test_concurrent_generators_both_succeed(tmp_path):
     def run():
         try:
             generate_shapes(out, 40, 5, 64, 3, seed=1)
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+        except Exception as e:  # reported by the assertion below
             errors.append(e)
 
     threads = [threading.Thread(target=run) for _ in range(2)]

@@ -2,7 +2,8 @@
 
 Samples are addressed as ``(epoch, index)`` and augmented with torch's generator seeded from
 ``(seed, epoch, index)``, so a sample looks the same whichever worker or rank loads it, and no RNG state
-has to be checkpointed. Workers ignore the preemption signals; only the main process reacts to them.
+has to be checkpointed. Workers do not react to preemption signals (see ``_worker_signals``); only the
+main process does.
 """
 
 from __future__ import annotations
@@ -73,13 +74,13 @@ def build_train_loader(samples: TrainSamples, step_indices: Iterable[tuple[int, 
 
 
 def build_val_loader(dataset: Any, transforms: Callable, rank: int, world_size: int, batch_size: int,
-                     num_workers: int) -> DataLoader:
+                     num_workers: int, pin_memory: bool = False) -> DataLoader:
     """This rank's part of the evaluation set: indices ``rank, rank + world_size, ...`` in batches."""
     indices = list(range(rank, len(dataset), world_size))
     batches = [[(0, i) for i in indices[k:k + batch_size]] for k in range(0, len(indices), batch_size)]
     return _DataLoader(TrainSamples(dataset, transforms, seed=0), batch_sampler=batches,
-                       num_workers=num_workers, collate_fn=detection_collate, persistent_workers=False,
-                       worker_init_fn=_worker_signals if num_workers > 0 else None)
+                       num_workers=num_workers, collate_fn=detection_collate, pin_memory=pin_memory,
+                       persistent_workers=False, worker_init_fn=_worker_signals if num_workers > 0 else None)
 
 
 class _StepBatches:
@@ -102,6 +103,8 @@ def _worker_signals(worker_id: int) -> None:
     """
     for sig in _IGNORED_IN_WORKERS:
         signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps its default action
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True,
                      name="sigterm-filter").start()

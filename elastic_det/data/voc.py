@@ -134,7 +134,7 @@ def _parse_xml(path: str) -> _VocAnnotation:
         width = int(float(size.findtext("width", "0"))) if size is not None else 0
         height = int(float(size.findtext("height", "0"))) if size is not None else 0
         objects = []
-        for obj in root.iter("object"):
+        for obj in root.findall("object"):
             name = (obj.findtext("name") or "").strip()
             if not name:
                 raise ValueError("an object without <name>")
