@@ -7,7 +7,7 @@
 #   TRAIN ARGS  passed to `python -m elastic_det.train`, e.g. --work-dir s3://bucket/run --cfg-options k=v
 #
 # Examples:
-#   launch/dist_train.sh configs/bccd/fcos_tiny.yaml 8 --work-dir work_dirs/bccd
+#   launch/dist_train.sh configs/bccd/fcos_tiny_bccd.yaml 8 --work-dir work_dirs/bccd
 #   PYTHON=.venv/bin/python launch/dist_train.sh default 2 --cfg-options train.max_steps=100
 #
 # What it sets up (through launch/elastic_run.sh):
