@@ -44,15 +44,17 @@ N_TRAIN = 40
 BATCH = 7  # divisible by neither 2 nor 3: shares at world size 2 are 4+3, at 3 they are 3+2+2
 STEPS_PER_EPOCH = 6  # ceil(40 / 7) with data.drop_last=false: 5 full batches and one of 5
 S = 14  # test 1 runs to here: epochs 0 and 1 complete, 2 steps into epoch 2
-S_NODES = 90  # the two-node test runs to here (long enough to kill, recover and rejoin mid-run)
+S_NODES = 60  # the two-node test runs to here (long enough to kill, recover and rejoin mid-run)
 S_REF = max(S, S_NODES)
 
 # Loss tolerance (relative) against the reference. The first resumed step runs the same weights on the
-# same samples: only the reduction order over ranks / micro-batches differs (measured: ~1e-7). Later steps
-# carry the float noise of differently-summed gradients through SGD (measured: up to ~2e-5 after 10 steps).
-# A wrong sample order changes the loss by several percent (seed+1 at the first resumed step: ~3e-2).
-RTOL_FIRST = 1e-5
-RTOL_LATER = 1e-3
+# same samples: only the reduction order over ranks / micro-batches differs (measured: <= 6e-8 at ws 1 and
+# 3). Later steps carry the float noise of differently summed gradients through SGD (measured over 9 steps:
+# <= 7e-8 at ws 3 and at ws 1 without micro-batches, <= 7.3e-6 at ws 1 with micro-batches of 2). A wrong
+# sample order fails by far: resumed with seed+1 the differences are 3.4e-3 .. 1.8e-1 (2.3e-2 at the first
+# step), and the same run compared one step off fails too (checked in the test).
+RTOL_FIRST = 1e-6
+RTOL_LATER = 1e-4
 
 pytestmark = pytest.mark.slow
 
@@ -270,7 +272,7 @@ def test_resume_at_another_world_size_continues_the_reference(tmp_path, cache, p
     assert [line["step"] for line in before] == list(range(k))
     for line in before:
         assert line["ids"] == reference["trace"][line["step"]]["ids"]
-    assert not loss_mismatches(losses(first), reference["losses"], first=1)
+    assert all(loss == reference["losses"][s] for s, loss in losses(first).items())  # bitwise
 
     measured = {}
     for world_size, extra in ((1, ["data.micro_batch_size=2"]), (3, [])):
@@ -342,13 +344,15 @@ def test_two_agents_lose_a_node_continue_and_grow_back(tmp_path, cache, procs, r
     orphans = procs.remember(b)
     procs.remember(a)
     assert orphans, "agent B has no worker"
-    killed_at, killed_step = time.time(), max(train_steps(work))
+    killed_at = time.time()
     os.kill(b.pid, signal.SIGKILL)
     b.wait(timeout=10)
     wait_for(lambda: not any(alive(p) for p in orphans), 30, "the orphaned worker of agent B to exit")
     shrunk = wait_for(lambda: started_at(work, 1, killed_at) or a.poll() is not None, 90, "resume at ws 1")
     assert a.poll() is None, f"the survivor ended:\n{tail(tmp_path / 'agent-a.log')}"
-    assert shrunk["event"] == "resume" and shrunk["step"] <= killed_step + 1
+    committed = [e["step"] for e in events(work, "checkpoint") if e["time"] < shrunk["time"]]
+    reached = [r["step"] for r in train_records(work) if r["time"] < shrunk["time"]]
+    assert shrunk["event"] == "resume" and max(committed) <= shrunk["step"] <= max(reached), (committed, shrunk)
 
     # a new node joins: back to world size 2
     joined_at = time.time()
@@ -405,7 +409,8 @@ def test_scale_lr_keeps_the_sample_stream_and_scales_the_lr(tmp_path, cache, pro
                tmp_path / "ws2.log")
     ref = stream(merged_trace(one).values())
     assert len(ref) == 48 and [e for e, _ in ref].count(0) == SCALE_N  # crosses the epoch boundary
-    assert stream(merged_trace(two).values()) == ref
+    # ws 2: epoch 0 is 9 steps of 4 and one of 2 (drop_last=false), then epoch 1: 46 samples in 12 steps
+    assert stream(merged_trace(two).values()) == ref[:46]
     assert all(len(line["ids"]) == 2 and [len(s) for s in line["ids"]] in ([2, 2], [1, 1])
                for line in merged_trace(two).values())
     (start1,), (start2,) = events(one, "start"), events(two, "start")
@@ -471,3 +476,39 @@ def test_trace_file_format(tmp_path):
     (tmp_path / "trace" / "attempt-2.jsonl").write_text(
         json.dumps({"step": 0, "epoch": 0, "world_size": 3, "ids": [[1], [2], [3]]}) + "\n")
     assert merged_trace(tmp_path)[0]["world_size"] == 1  # attempt 10 is the last, not attempt 2
+
+
+def test_epoch_hooks_follow_the_sample_cursor_after_a_batch_size_change():
+    """A scale_lr resume at another world size: the cursor (ws 1, batch 2) is 14 samples into an epoch of 38,
+    the run continues with batch 4. The epoch ends after the 6 steps that consume the 24 samples left, not
+    when the step count reaches 10 (the steps per epoch at batch 4)."""
+    import itertools
+
+    import torch
+    from torch import nn
+
+    from elastic_det.dist import DistInfo
+    from elastic_det.runner.hook import Hook
+    from elastic_det.runner.runner import Runner
+
+    calls = []
+
+    class Recorder(Hook):
+        def before_epoch(self, runner):
+            calls.append(("before", runner.step.epoch, runner.step.global_step))
+
+        def after_epoch(self, runner):
+            calls.append(("after", runner.progress.epoch, runner.progress.global_step))
+
+    class NoModel(Runner):
+        def run_step(self, images, targets, global_batch_size):
+            return {}
+
+    cursor = Progress(global_step=7, epoch=0, step_in_epoch=7, sample_offset=14, seed=0)
+    schedule = StepSchedule(ElasticBatchPlan(SCALE_N, seed=0, drop_last=False), SCALE_N, 4, False, cursor)
+    runner = NoModel(model=nn.Identity(), optimizer=None, scheduler=None, scaler=None, schedule=schedule,
+                     batches=itertools.repeat(([], [])), hooks=[Recorder()],
+                     dist_info=DistInfo(0, 1, 0, torch.device("cpu"), 0), progress=cursor, max_steps=16,
+                     micro_batch_size=0, amp_dtype=None)
+    runner.train()
+    assert calls == [("before", 0, 7), ("after", 0, 13), ("before", 1, 13), ("after", 1, 16)]

@@ -23,9 +23,10 @@ from ..config import ShapesConfig
 logger = logging.getLogger(__name__)
 
 CATEGORIES = ["rectangle", "ellipse", "triangle"]
-GENERATOR_VERSION = 1  # part of the cache folder name: bump it when the images change
+GENERATOR_VERSION = 2  # part of the cache folder name: bump it when the images change
 _SPLIT_CODES = {"train": 0, "val": 1}
 _STALE_TEMP_SECONDS = 3600
+MIN_SIDE = 16  # px; smaller shapes are hard to tell apart at 128 px
 
 
 def ensure_shapes(cfg: ShapesConfig) -> str:
@@ -128,13 +129,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     base = rng.uniform(40, 215, size=3)
     grid = np.clip(base + rng.normal(0.0, 18.0, size=(6, 6, 3)), 0, 255).astype(np.uint8)
     blotches = np.asarray(Image.fromarray(grid).resize((size, size), Image.BILINEAR), dtype=np.int16)
-    noise = rng.integers(-14, 15, size=(size, size, 3), dtype=np.int16)
+    noise = rng.integers(-8, 9, size=(size, size, 3), dtype=np.int16)
     return np.clip(blotches + noise, 0, 255).astype(np.uint8)
 
 
 def _shape_mask(rng: np.random.Generator, size: int, label: int) -> np.ndarray:
-    """A boolean mask of one shape, 12 px to 60% of the image on its longer side."""
-    w, h = (int(v) for v in rng.integers(12, int(0.6 * size) + 1, size=2))
+    """A boolean mask of one shape, 16 px to 60% of the image per side, aspect ratio within 1:2.5."""
+    largest = int(0.6 * size)
+    w = int(rng.integers(MIN_SIDE, largest + 1))
+    h = int(np.clip(round(w * np.exp(rng.uniform(-np.log(2.5), np.log(2.5)))), MIN_SIDE, largest))
     x0 = int(rng.integers(0, size - w + 1))
     y0 = int(rng.integers(0, size - h + 1))
     canvas = Image.new("1", (size, size), 0)

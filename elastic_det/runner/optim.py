@@ -63,7 +63,9 @@ def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict,
     """Load the step count but keep this run's base learning rate (it may scale with the world size)."""
     scheduler.load_state_dict(state)
     scheduler.base_lrs = [base_lr for _ in scheduler.optimizer.param_groups]
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr(), strict=True):
+    # LambdaLR.get_lr's formula; calling get_lr() outside step() warns on every resume
+    lrs = [base_lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["initial_lr"] = base_lr
         group["lr"] = lr
 

@@ -61,6 +61,10 @@ class StepSchedule:
             return remaining // self.batch_size
         return -(-remaining // self.batch_size)
 
+    def epoch_done(self, progress: Progress) -> bool:
+        """No step of ``progress.epoch`` is left after the cursor (the next step starts a new epoch)."""
+        return self._steps_from(progress.sample_offset) == 0
+
     def at(self, global_step: int) -> StepInfo:
         k = global_step - self.start.global_step
         if k < 0:

@@ -76,7 +76,9 @@ class Runner:
         self._call("after_run")
 
     def _epoch_ends(self) -> bool:
-        return self.progress.step_in_epoch >= self.schedule.steps_per_epoch
+        # From the sample cursor, not step_in_epoch: after a scale_lr resume at another world size the
+        # epoch's remaining steps have another batch size than its first ones, so step counts don't add up.
+        return self.schedule.epoch_done(self.progress)
 
     def run_step(self, images: list[torch.Tensor], targets: list[dict], global_batch_size: int) -> dict[str, Any]:
         """Forward and backward over this rank's share; the optimizer steps in ``OptimizerHook``."""

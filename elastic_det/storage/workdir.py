@@ -18,17 +18,17 @@ S3 endpoint and credentials come from the standard AWS environment (``AWS_ENDPOI
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import fsspec
 
-from .errors import StorageError
+from ..errors import StorageError
+from .hashing import HashingWriter
+from .local import create_without_link, fsync_dir, makedirs_durable, unlink_quietly
 
 try:  # botocore is present with s3fs; its connection/credential errors are not OSErrors
     from botocore.exceptions import BotoCoreError
@@ -38,61 +38,6 @@ except ImportError:  # pragma: no cover - s3fs is a hard dependency
 _STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, BotoCoreError)
 
 _ENDPOINT_VARS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-
-_NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
-                         "glusterfs", "9p", "panfs", "wekafs", "orangefs", "afs", "davfs", "fuse"})
-
-_HASH_IN_THREAD_MIN = 1 << 20
-
-
-class HashingWriter:
-    """Forwards writes to ``raw`` while counting bytes and computing their sha256.
-
-    Large chunks are hashed in a helper thread while ``raw.write`` runs (both release the GIL), and the
-    write returns only after both finish, so a caller's buffer is never read after it was handed back.
-    """
-
-    def __init__(self, raw: BinaryIO):
-        self._raw = raw
-        self._sha = hashlib.sha256()
-        self._pool: ThreadPoolExecutor | None = None
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes >= _HASH_IN_THREAD_MIN:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-            hashed = self._pool.submit(self._sha.update, view)
-            try:
-                self._raw.write(view)
-            finally:
-                hashed.result()
-        else:
-            self._sha.update(view)
-            self._raw.write(view)
-        self.size += view.nbytes
-        return view.nbytes
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def tell(self) -> int:
-        return self.size
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
 
 class WorkDir:
@@ -179,7 +124,7 @@ class WorkDir:
     def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
         final = self.path(relpath)
         parent = os.path.dirname(final)
-        _makedirs_durable(parent)
+        makedirs_durable(parent)
         tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "xb") as raw:
@@ -195,9 +140,9 @@ class WorkDir:
                 raise StorageError(f"Wrote {writer.size} bytes to {final} but {on_disk} are on disk")
             os.replace(tmp, final)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return writer.size, writer.hexdigest()
 
     def _write_remote(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
@@ -223,7 +168,7 @@ class WorkDir:
     def _create_local(self, relpath: str, data: bytes) -> bool:
         final = self.path(relpath)
         parent = os.path.dirname(final)
-        _makedirs_durable(parent)
+        makedirs_durable(parent)
         tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "xb") as f:
@@ -237,10 +182,10 @@ class WorkDir:
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                     raise
-                return _create_without_link(final, data)  # file systems without hard links
+                return create_without_link(final, data)  # file systems without hard links
         finally:
-            _unlink_quietly(tmp)
-        _fsync_dir(parent)
+            unlink_quietly(tmp)
+        fsync_dir(parent)
         return True
 
     def _create_remote(self, relpath: str, data: bytes) -> bool:
@@ -348,7 +293,7 @@ class WorkDir:
                         os.rmdir(path)
                 else:
                     os.remove(path)
-                _fsync_dir(os.path.dirname(path))
+                fsync_dir(os.path.dirname(path))
                 return
             self.fs.invalidate_cache(path)
             self.fs.rm(path, recursive=recursive)
@@ -451,108 +396,6 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno and os.strerror(error.errno) not in text:
         return f"{text} ({os.strerror(error.errno)})"
     return text
-
-
-def is_shared_path(url: str) -> bool:
-    """Whether ``url`` is probably visible from every node: any URL, or a network file system mount.
-
-    A heuristic for a warning: a multi-node run whose work dir is on node-local disk cannot resume on
-    another node.
-    """
-    protocol, path = fsspec.core.split_protocol(url)
-    if protocol not in (None, "file", "local"):
-        return True
-    try:
-        with open("/proc/mounts") as f:
-            mounts = f.read()
-    except OSError:
-        return False
-    fstype = mount_fs_type(os.path.abspath(os.path.expanduser(path)), mounts)
-    return fstype is not None and is_network_fs(fstype)
-
-
-def is_network_fs(fstype: str) -> bool:
-    """Network or FUSE file systems (``fuse.sshfs``, ``fuse.juicefs``...); ``fuseblk`` is a local disk."""
-    return fstype in _NETWORK_FS or fstype.startswith("fuse.")
-
-
-def mount_fs_type(path: str, mounts: str) -> str | None:
-    """The file system type of the mount holding ``path``, from ``/proc/mounts`` content."""
-    path = os.path.realpath(path)
-    best, best_type = "", None
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = _unescape_mount(fields[1])
-        inside = path == point or path.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, best_type = point, fields[2]
-    return best_type
-
-
-def _unescape_mount(field: str) -> str:
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Local helpers
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a directory entry change (create, rename, delete) durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some file systems (e.g. certain network mounts) refuse directory fsync
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durable(path: str) -> None:
-    """``os.makedirs`` that also fsyncs the parent of every directory it creates."""
-    missing = []
-    head = path
-    while head and not os.path.isdir(head):
-        missing.append(head)
-        parent = os.path.dirname(head)
-        if parent == head:
-            break
-        head = parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory)
-        except FileExistsError:
-            if not os.path.isdir(directory):
-                raise
-        _fsync_dir(os.path.dirname(directory))
-
-
-def _create_without_link(final: str, data: bytes) -> bool:
-    try:
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(os.path.dirname(final))
-    return True
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _discard(f: Any) -> None:

@@ -1,0 +1,59 @@
+"""A writer that counts and hashes the bytes it passes on, so a checkpoint's sha256 costs no re-read."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+_HASH_IN_THREAD_MIN = 1 << 20
+
+
+class HashingWriter:
+    """Forwards writes to ``raw`` while counting bytes and computing their sha256.
+
+    Large chunks are hashed in a helper thread while ``raw.write`` runs (both release the GIL), and the
+    write returns only after both finish, so a caller's buffer is never read after it was handed back.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self._pool: ThreadPoolExecutor | None = None
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes >= _HASH_IN_THREAD_MIN:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            hashed = self._pool.submit(self._sha.update, view)
+            try:
+                self._raw.write(view)
+            finally:
+                hashed.result()
+        else:
+            self._sha.update(view)
+            self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
