@@ -63,6 +63,9 @@ def batch_policy(cfg: Config, world_size: int) -> BatchPolicy:
     if cfg.data.samples_per_device <= 0:
         raise ConfigError("elastic.batch_policy=scale_lr needs data.samples_per_device > 0 (the per-rank batch; "
                           "data.global_batch_size is then the batch that optimizer.lr was tuned for).")
+    if cfg.train.max_epochs and not cfg.train.max_steps:
+        raise ConfigError("elastic.batch_policy=scale_lr needs train.max_steps: its steps change size with the "
+                          "world size, so train.max_epochs cannot be turned into a fixed number of steps.")
     size = cfg.data.samples_per_device * world_size
     return BatchPolicy("scale_lr", size, cfg.optimizer.lr * size / cfg.data.global_batch_size)
 
@@ -114,6 +117,9 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
     max_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
 
     # model, optimizer, schedule
+    if cfg.model.norm == "sync_bn" and info.distributed and info.device.type == "cpu":
+        raise ConfigError("model.norm=sync_bn needs CUDA (SyncBatchNorm does not run on CPU/gloo); use "
+                          "group_norm or frozen_bn on CPU.")
     model = build_model(cfg.model, train_set.num_classes).to(info.device)
     if cfg.model.load_from:
         _load_weights(model, cfg)

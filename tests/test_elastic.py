@@ -17,6 +17,7 @@ is the whole batch's mean and nothing depends on the per-device batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -47,14 +48,16 @@ S = 14  # test 1 runs to here: epochs 0 and 1 complete, 2 steps into epoch 2
 S_NODES = 60  # the two-node test runs to here (long enough to kill, recover and rejoin mid-run)
 S_REF = max(S, S_NODES)
 
-# Loss tolerance (relative) against the reference. The first resumed step runs the same weights on the
-# same samples: only the reduction order over ranks / micro-batches differs (measured: <= 6e-8 at ws 1 and
-# 3). Later steps carry the float noise of differently summed gradients through SGD (measured over 9 steps:
-# <= 7e-8 at ws 3 and at ws 1 without micro-batches, <= 7.3e-6 at ws 1 with micro-batches of 2). A wrong
-# sample order fails by far: resumed with seed+1 the differences are 3.4e-3 .. 1.8e-1 (2.3e-2 at the first
-# step), and the same run compared one step off fails too (checked in the test).
-RTOL_FIRST = 1e-6
-RTOL_LATER = 1e-4
+# Loss tolerance (relative difference from the reference, per step after the resume). The first two resumed
+# steps see the reference's weights and samples; only the summation order over ranks / micro-batches differs
+# (measured <= 7e-8 at ws 1 and 3). From the third step on, that float noise is amplified by the network's
+# switching points (ReLU, max-pool): measured <= 7e-8 in these runs but up to 2.7e-4 within 9 steps at ws 1
+# without micro-batches, and runs from step 0 at ws 1/2/3 with lr 0.01 drift apart by 1e-2 within 13 steps
+# (hence the small lr here). What a real mismatch does, measured on this test's runs:
+#   data order wrong (resumed with seed+1):           8.8e-4 at the first step, 2.4e-3 .. 5e-2 later;
+#   loss weighting wrong (ws 3, shares 3/2/2 averaged as equals): 1.1e-3 at the second step, up to 1.6e-2 later.
+RTOL_EXACT = 1e-6  # first two resumed steps
+RTOL_DRIFT = 5e-3  # later steps
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +71,7 @@ def elastic_opts(cache: Path, *more: str) -> list[str]:
     return fast_overrides(cache, "model.type=tiny_retinanet", f"data.shapes.num_train={N_TRAIN}",
                           f"data.global_batch_size={BATCH}", "data.drop_last=false", "data.trace=true",
                           "log.interval=1", "schedule.policy=constant", "schedule.warmup_steps=2",
-                          "checkpoint.interval=0", *more)
+                          "optimizer.lr=0.002", "checkpoint.interval=0", *more)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,10 +203,11 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def loss_mismatches(got: dict[int, float], ref: dict[int, float], first: int) -> list[tuple[int, float, float]]:
-    """(step, relative difference, tolerance) for every step of ``got`` from ``first`` on outside tolerance."""
+    """(step, relative difference, tolerance) for every step of ``got`` from ``first`` (the first step after the
+    resume) on that is outside the tolerance."""
     out = []
     for step in sorted(s for s in got if s >= first):
-        tol = RTOL_FIRST if step == first else RTOL_LATER
+        tol = RTOL_EXACT if step - first < 2 else RTOL_DRIFT
         d = rel_diff(got[step], ref[step])
         if d > tol:
             out.append((step, d, tol))
@@ -318,6 +322,10 @@ def train_records(work: Path) -> list[dict]:
     return [r for r in read_jsonl(work / "metrics.jsonl") if r.get("mode") == "train"]
 
 
+def steps_at(work: Path, world_size: int) -> int:
+    return sum(r["world_size"] == world_size for r in train_records(work))
+
+
 def started_at(work: Path, world_size: int, after: float) -> dict | None:
     """The first start/resume event at ``world_size`` after time ``after`` followed by a train record."""
     records = read_jsonl(work / "metrics.jsonl")
@@ -336,8 +344,7 @@ def test_two_agents_lose_a_node_continue_and_grow_back(tmp_path, cache, procs, r
     a = procs.start(agent_cmd(args, port, is_host=True), env, tmp_path / "agent-a.log")
     b = procs.start(agent_cmd(args, port, is_host=False), env, tmp_path / "agent-b.log")
     logs = f"A:\n{tail(tmp_path / 'agent-a.log')}\nB:\n{tail(tmp_path / 'agent-b.log')}"
-    wait_for(lambda: started_at(work, 2, 0) or a.poll() is not None, 100, "training at world size 2")
-    wait_for(lambda: max(train_steps(work), default=0) >= 4 or a.poll() is not None, 60, "4 steps")
+    wait_for(lambda: steps_at(work, 2) >= 4 or a.poll() is not None, 120, "4 steps at world size 2")
     assert a.poll() is None and b.poll() is None, logs
 
     # lose the second node: SIGKILL its agent; its worker must stop by itself (parent-death watchdog)
@@ -372,7 +379,8 @@ def test_two_agents_lose_a_node_continue_and_grow_back(tmp_path, cache, procs, r
             assert union(line) == union(reference["trace"][line["step"]]), line
             check_shares(line, line["world_size"])
     sizes = [merged[s]["world_size"] for s in range(S_NODES)]
-    assert sizes[0] == 2 and sizes[-1] == 2 and 1 in sizes, sizes
+    phases = [size for size, _ in itertools.groupby(sizes)]
+    assert phases[-3:] == [2, 1, 2], phases  # (both agents may not make the first round: then 1, 2, 1, 2)
     check_each_sample_once_per_epoch(list(merged.values()), reference["ids"])
     done = events(work, "done")
     assert done and done[-1]["step"] == S_NODES and done[-1]["world_size"] == 2
@@ -482,8 +490,6 @@ def test_epoch_hooks_follow_the_sample_cursor_after_a_batch_size_change():
     """A scale_lr resume at another world size: the cursor (ws 1, batch 2) is 14 samples into an epoch of 38,
     the run continues with batch 4. The epoch ends after the 6 steps that consume the 24 samples left, not
     when the step count reaches 10 (the steps per epoch at batch 4)."""
-    import itertools
-
     import torch
     from torch import nn
 

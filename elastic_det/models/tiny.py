@@ -43,7 +43,7 @@ def _backbone(width: int, norm: str) -> BackboneWithFPN:
 
 def tiny_fcos(num_classes: int, width: int, norm: str, min_size: int, max_size: int) -> FCOS:
     anchors = AnchorGenerator(sizes=tuple((s,) for s in STRIDES), aspect_ratios=((1.0,),) * len(STRIDES))
-    head = FCOSHead(width, num_anchors=1, num_classes=num_classes, num_convs=2)
+    head = FCOSHead(width, num_anchors=1, num_classes=num_classes, num_convs=4)
     return FCOS(_backbone(width, norm), num_classes, min_size=min_size, max_size=max_size,
                 anchor_generator=anchors, head=head, score_thresh=0.05, detections_per_img=100)
 
