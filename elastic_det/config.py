@@ -89,17 +89,18 @@ class ModelConfig:
     min_size: int = 128  # the detector's own resize (GeneralizedRCNNTransform)
     max_size: int = 128
     trainable_backbone_layers: int = 3
-    norm: str = "auto"  # auto | frozen_bn | bn | sync_bn | group_norm (backbone normalisation)
+    norm: str = "auto"  # auto | frozen_bn | bn | sync_bn | group_norm (backbone; auto: torchvision's choice,
+    # BatchNorm for the tiny models: not world-size invariant, use group_norm or frozen_bn for that)
     width: int = 64  # tiny models: FPN channels
     find_unused_parameters: bool = False
 
 
 @dataclass
 class OptimizerConfig:
-    type: str = "sgd"  # sgd | adamw
-    lr: float = 0.02  # for data.global_batch_size
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    type: str = "adamw"  # sgd | adamw
+    lr: float = 0.002  # for data.global_batch_size
+    momentum: float = 0.9  # sgd
+    weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad_norm: float = 10.0  # 0 = off
 

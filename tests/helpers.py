@@ -21,7 +21,7 @@ FAST = [
     "data.shapes.num_train=96", "data.shapes.num_val=16", "data.shapes.image_size=64",
     "data.global_batch_size=8", "data.num_workers=0", "data.train_transforms.flip_prob=0.5",
     "train.validate=false", "log.interval=1", "log.progress_bar=never",
-    "schedule.warmup_steps=2", "optimizer.lr=0.01",
+    "schedule.warmup_steps=2", "optimizer.type=sgd", "optimizer.lr=0.01", "optimizer.weight_decay=0.0001",
 ]
 
 
