@@ -174,7 +174,8 @@ def phases(t0: float, m: dict[str, float]) -> dict[str, float]:
 def bench_nodes(root: Path, cycles: int) -> tuple[list[dict], list[dict], dict]:
     cache, work = root / "cache", root / "nodes"
     args = ["--work-dir", str(work), "--cfg-options",
-            *fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm", "train.max_steps=100000", "checkpoint.interval=5",
+            *fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm",
+                            "train.max_steps=100000", "checkpoint.interval=5",
                             "checkpoint.keep_last=1", "schedule.policy=constant", "dist.timeout_seconds=30")]
     env, port = base_env(cache), free_port()
 
@@ -246,7 +247,8 @@ def late_copy(early: Path, late: Path, num_samples: int, batch: int) -> None:
 
 def timed_resume(work: Path, cache: Path, steps: int, log: Path) -> dict[str, float]:
     args = ["--work-dir", str(work), "--cfg-options",
-            *fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm", f"train.max_steps={steps}", "checkpoint.interval=0",
+            *fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm",
+                            f"train.max_steps={steps}", "checkpoint.interval=0",
                             "schedule.policy=constant", "log.interval=1")]
     t0 = time.time()
     with open(log, "ab") as out:

@@ -68,7 +68,8 @@ def cache(tmp_path_factory):
 
 
 def elastic_opts(cache: Path, *more: str) -> list[str]:
-    return fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm", f"data.shapes.num_train={N_TRAIN}",
+    return fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm",
+                          f"data.shapes.num_train={N_TRAIN}",
                           f"data.global_batch_size={BATCH}", "data.drop_last=false", "data.trace=true",
                           "log.interval=1", "schedule.policy=constant", "schedule.warmup_steps=2",
                           "optimizer.lr=0.002", "checkpoint.interval=0", *more)
@@ -396,7 +397,8 @@ SCALE_N = 38  # 19 steps of 2 per epoch at ws 1; 10 at ws 2 (the last one of 2 s
 
 
 def scale_opts(cache: Path, steps: int, *more: str) -> list[str]:
-    return fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm", f"data.shapes.num_train={SCALE_N}",
+    return fast_overrides(cache, "model.type=tiny_retinanet", "model.norm=group_norm",
+                          f"data.shapes.num_train={SCALE_N}",
                           "elastic.batch_policy=scale_lr", "data.samples_per_device=2", "data.global_batch_size=4",
                           "optimizer.lr=0.01", "schedule.policy=constant", "schedule.warmup_steps=0",
                           "data.drop_last=false", "data.trace=true", "log.interval=1", f"train.max_steps={steps}",
