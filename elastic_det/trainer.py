@@ -125,9 +125,10 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
         _load_weights(model, cfg)
     bn = batch_dependent_layers(model)
     if bn:
-        (log.warning if info.distributed else log.info)("%d BatchNorm layers train on per-rank statistics (%s, ...): results depend on the "
-                    "per-device batch, so they change with the world size. Use model.norm=frozen_bn, "
-                    "sync_bn or group_norm for a world-size-invariant run.", len(bn), bn[0])
+        level = logging.WARNING if info.distributed else logging.INFO
+        log.log(level, "%d BatchNorm layers train on per-rank statistics (%s, ...): results depend on the "
+                "per-device batch, so they change with the world size. Use model.norm=frozen_bn, sync_bn or "
+                "group_norm for a world-size-invariant run.", len(bn), bn[0])
     optimizer = build_optimizer(cfg.optimizer, model, policy.lr)
     scheduler = build_scheduler(cfg.schedule, optimizer, max_steps)
     scaler, amp_dtype = _amp(cfg.train.amp, info.device)
