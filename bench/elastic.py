@@ -40,7 +40,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import PYTHON, base_env, fast_overrides, free_port, read_jsonl, torchrun_cmd  # noqa: E402
+from helpers import (  # noqa: E402
+    PYTHON,
+    Procs,
+    alive,
+    base_env,
+    children,
+    fast_overrides,
+    free_port,
+    read_jsonl,
+    torchrun_cmd,
+)
 
 from elastic_det.checkpoint.store import CheckpointStore  # noqa: E402
 from elastic_det.data.plan import ElasticBatchPlan  # noqa: E402
@@ -53,60 +63,6 @@ RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
 
 # ----------------------------------------------------------------------------------------------------------
 # processes
-
-
-def children(pid: int) -> list[int]:
-    pids = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class Procs:
-    """Everything started here, and every descendant seen, is SIGKILLed by PID at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.seen: set[int] = set()
-
-    def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def remember(self, proc: subprocess.Popen) -> list[int]:
-        pids = children(proc.pid)
-        self.seen.update(pids)
-        return pids
-
-    def kill_all(self) -> None:
-        pids = set(self.seen)
-        for p in self.procs:
-            if p.poll() is None:
-                pids.update(children(p.pid))
-                pids.add(p.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 def wait(condition, timeout: float, what: str):

@@ -31,3 +31,15 @@ def s3_bucket(s3_server, monkeypatch) -> str:
     s3fs.S3FileSystem.clear_instance_cache()
     yield f"s3://{s3_server.create_bucket()}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def procs():
+    """Start processes with ``procs.start``; all of them and their descendants are SIGKILLed at the end."""
+    from helpers import Procs
+
+    started = Procs()
+    try:
+        yield started
+    finally:
+        started.kill_all()

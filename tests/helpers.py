@@ -101,3 +101,73 @@ def train_steps(work_dir: Path) -> list[int]:
 def run_train(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "elastic_det.train", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes: everything a test starts is killed by PID at its end, orphaned workers included.
+
+
+def children(pid: int) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, or a PID gone from /proc, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Procs:
+    """Started processes and every descendant seen; ``kill_all`` SIGKILLs them by PID (workers run in their
+    own sessions, and a worker of a killed agent is no longer in its tree)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.seen: set[int] = set()
+
+    def start(self, cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def remember(self, proc: subprocess.Popen) -> list[int]:
+        pids = descendants(proc.pid)
+        self.seen.update(pids)
+        return pids
+
+    def kill_all(self) -> None:
+        pids = set(self.seen)
+        for proc in self.procs:
+            if proc.poll() is None:
+                pids.update(descendants(proc.pid))
+                pids.add(proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass

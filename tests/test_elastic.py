@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    Procs,
+    alive,
     base_env,
     events,
     fast_overrides,
@@ -73,85 +75,6 @@ def elastic_opts(cache: Path, *more: str) -> list[str]:
                           f"data.global_batch_size={BATCH}", "data.drop_last=false", "data.trace=true",
                           "log.interval=1", "schedule.policy=constant", "schedule.warmup_steps=2",
                           "optimizer.lr=0.002", "checkpoint.interval=0", *more)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Processes: everything started here is killed by PID at the end of its test, orphaned workers included.
-
-
-def children(pid: int) -> list[int]:
-    pids = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        for child in children(todo.pop()):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, or a PID gone from /proc, is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-class Procs:
-    """Started processes and every descendant seen; ``kill_all`` SIGKILLs them by PID (workers run in their
-    own sessions, and a worker of a killed agent is no longer in its tree)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.seen: set[int] = set()
-
-    def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def remember(self, proc: subprocess.Popen) -> list[int]:
-        pids = descendants(proc.pid)
-        self.seen.update(pids)
-        return pids
-
-    def kill_all(self) -> None:
-        pids = set(self.seen)
-        for proc in self.procs:
-            if proc.poll() is None:
-                pids.update(descendants(proc.pid))
-                pids.add(proc.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-@pytest.fixture
-def procs():
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.kill_all()
 
 
 def tail(path: Path, n: int = 4000) -> str:

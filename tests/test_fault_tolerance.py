@@ -14,6 +14,7 @@ import torch
 from helpers import (
     PYTHON,
     base_env,
+    children,
     events,
     fast_overrides,
     read_jsonl,
@@ -35,17 +36,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("shapes-cache")
-
-
-def worker_pids(agent_pid: int) -> list[int]:
-    """The torchrun agent's child processes (its workers)."""
-    pids = []
-    for task in Path(f"/proc/{agent_pid}/task").glob("*"):
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return pids
 
 
 def writing_checkpoint(work: Path) -> bool:
@@ -86,7 +76,7 @@ def test_sigkill_of_workers_at_random_moments_and_mid_write(tmp_path, cache):
             else:
                 time.sleep(rng.uniform(0.0, 0.8))  # a random instant: the randomness is the point, not a wait
                 kills["random"] += 1
-            pids = worker_pids(proc.pid)
+            pids = children(proc.pid)
             assert pids, "no workers found"
             os.kill(rng.choice(pids), signal.SIGKILL)
             wait_for(lambda i=i: resume_count(work) >= i + 1 or proc.poll() is not None, 240, f"resume after kill {i}")
@@ -127,7 +117,7 @@ def test_sigkill_with_work_dir_on_s3(tmp_path, cache, s3_server, s3_bucket):
         for i in range(2):
             before = len(committed_steps())
             wait_for(lambda before=before: len(committed_steps()) >= before + 2, 240, f"two commits before kill {i}")
-            os.kill(random.Random(i).choice(worker_pids(proc.pid)), signal.SIGKILL)
+            os.kill(random.Random(i).choice(children(proc.pid)), signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, (tmp_path / "torchrun.log").read_text()[-4000:]
     finally:
         stop(proc)

@@ -40,79 +40,6 @@ PREEMPTED = 143  # elastic_det.errors.PREEMPTED_EXIT_CODE
 SHELL_SCRIPTS = sorted([*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch")])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Process helpers: everything started here is killed by PID at the end of its test.
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        tree.setdefault(int(fields[1]), []).append(int(entry))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-class Procs:
-    """Started processes; ``kill_all`` SIGKILLs each and its descendants (torchrun's workers run in their own
-    sessions, so killing a process group is not enough)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.extra: set[int] = set()
-
-    def start(self, cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def remember_tree(self, proc: subprocess.Popen) -> None:
-        """Record the current descendants (they may be orphaned later, out of reach of the tree)."""
-        self.extra.update(descendants(proc.pid))
-
-    def kill_all(self) -> None:
-        pids = set(self.extra)
-        for proc in self.procs:
-            if proc.poll() is None:
-                pids.update(descendants(proc.pid))
-                pids.add(proc.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-@pytest.fixture
-def procs():
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.kill_all()
-
-
 def finish(proc: subprocess.Popen, timeout: float, log: Path) -> int:
     try:
         return proc.wait(timeout=timeout)
@@ -749,7 +676,7 @@ def test_dist_train_sigterm_saves_and_the_same_command_resumes(procs, tmp_path):
     wait_for(lambda: any(s >= SIGNAL_AFTER_STEP for s in trained_steps(work_dir)) or proc.poll() is not None,
              120, f"training to pass step {SIGNAL_AFTER_STEP}", interval=0.2)
     assert proc.poll() is None, f"the run ended before the signal:\n{tail(log)}"
-    procs.remember_tree(proc)
+    procs.remember(proc)
     os.kill(proc.pid, signal.SIGTERM)
     # torchrun exits 1 after a signal; dist_train.sh (elastic_run.sh) turns that into 143.
     assert finish(proc, 90, log) == PREEMPTED, tail(log)
@@ -782,7 +709,7 @@ def test_sbatch_time_limit_signal_saves_requeues_and_the_next_attempt_resumes(st
     wait_for(lambda: any(s >= SIGNAL_AFTER_STEP for s in trained_steps(work_dir)) or proc.poll() is not None,
              120, f"training to pass step {SIGNAL_AFTER_STEP}", interval=0.2)
     assert proc.poll() is None, f"the job ended before the signal:\n{tail(log)}"
-    procs.remember_tree(proc)
+    procs.remember(proc)
     os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@300 sends
     assert finish(proc, 90, log) == PREEMPTED, tail(log)
     step = assert_preempted_with_checkpoint(work_dir, log)
