@@ -12,8 +12,6 @@ and is skipped (and cleaned up later by retention).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 import re
@@ -30,6 +28,8 @@ import torch
 from ..errors import CheckpointError, StorageError
 from ..storage import WorkDir, describe_error
 from .manifest import Manifest, versions
+from .retention import steps_to_keep
+from .verify import InvalidCheckpoint, read_unverified, read_verified
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _META_KEYS = frozenset({"config_hash", "world_size", "reason", "metrics"})
-_READ_CHUNK = 8 << 20
 
 
 class StaleCheckpointError(StorageError):
@@ -49,10 +48,6 @@ class Checkpoint:
     manifest: Manifest
     location: str  # full path or URL of the step directory (or of the file, for a bare .pt)
     state: dict
-
-
-class _Invalid(Exception):
-    """A checkpoint that cannot be used; ``str()`` is the reason."""
 
 
 def step_dir(step: int) -> str:
@@ -185,32 +180,13 @@ class CheckpointStore:
                 manifest = self._manifests.get(step) or self._parse_manifest(step)
                 if manifest is not None:
                     committed[step] = manifest
-        newest_first = sorted(committed, reverse=True)
-        keep = {new_step}
-        keep.update(newest_first[: self.keep_last] if self.keep_last > 0 else newest_first)
-        if self.keep_every > 0:
-            keep.update(s for s in newest_first if s % self.keep_every == 0)
-        best = self._best(committed)
-        if best is not None:
-            keep.add(best)
+        keep = steps_to_keep(committed, new_step, self.keep_last, self.keep_every, self.keep_best)
         for step in sorted(s for s in scan if s < new_step and s not in keep):
             self._delete_step(step, scan[step])
         for step in sorted(s for s in keep if s < new_step and s in committed):
             # debris of a write killed before this step was committed again: temp files, orphaned data
             for name in scan[step] - {MANIFEST, committed[step].data}:
                 self._delete_quietly(f"{step_dir(step)}/{name}")
-
-    def _best(self, committed: dict[int, Manifest]) -> int | None:
-        if not self.keep_best:
-            return None
-        lower_is_better = self.keep_best.startswith("min:")
-        name = self.keep_best.split(":", 1)[1] if ":" in self.keep_best else self.keep_best
-        scored = [(m.metrics[name], step) for step, m in committed.items() if name in m.metrics]
-        if not scored:
-            return None
-        if lower_is_better:
-            return min(scored, key=lambda item: (item[0], -item[1]))[1]
-        return max(scored)[1]
 
     def _delete_step(self, step: int, names: set[str]) -> None:
         """Delete the manifest first, so a half-deleted checkpoint never looks committed."""
@@ -242,7 +218,7 @@ class CheckpointStore:
             rel = step_dir(step)
             try:
                 return self._load_step(self.work_dir, rel, step, map_location)
-            except _Invalid as e:
+            except InvalidCheckpoint as e:
                 reason = str(e)
                 location = self.location(step)
                 self._rejected[step] = reason
@@ -287,7 +263,7 @@ class CheckpointStore:
         match = _STEP_DIR.match((rel or location).rstrip("/").rsplit("/", 1)[-1])
         try:
             return self._load_step(wd, rel, int(match.group(1)) if match else None, map_location)
-        except _Invalid as e:
+        except InvalidCheckpoint as e:
             raise CheckpointError(f"Cannot load checkpoint {location}: {e}. An explicitly named checkpoint "
                                   f"is never replaced by another one; name a different one, or resume "
                                   f"with 'auto' to fall back to the newest one that verifies.") from None
@@ -297,18 +273,18 @@ class CheckpointStore:
         try:
             raw = wd.read_bytes(prefix + MANIFEST)
         except FileNotFoundError:
-            raise _Invalid(f"no {MANIFEST}: the write never committed (e.g. killed mid-write)") from None
+            raise InvalidCheckpoint(f"no {MANIFEST}: the write never committed (e.g. killed mid-write)") from None
         except StorageError as e:
-            raise _Invalid(str(e)) from None
+            raise InvalidCheckpoint(str(e)) from None
         try:
             manifest = Manifest.from_json(raw)
         except ValueError as e:
-            raise _Invalid(str(e)) from None
+            raise InvalidCheckpoint(str(e)) from None
         if step is not None and manifest.step != step:
-            raise _Invalid(f"{MANIFEST} says step {manifest.step}, the directory is step {step}")
-        state = _read_state(wd, prefix + manifest.data, manifest, map_location)
+            raise InvalidCheckpoint(f"{MANIFEST} says step {manifest.step}, the directory is step {step}")
+        state = read_verified(wd, prefix + manifest.data, manifest, map_location)
         if not isinstance(state, dict):
-            raise _Invalid(f"the data holds a {type(state).__name__}, not a state dict")
+            raise InvalidCheckpoint(f"the data holds a {type(state).__name__}, not a state dict")
         return Checkpoint(manifest=manifest, location=wd.path(rel), state=state)
 
     def _load_bare(self, wd: WorkDir, name: str, map_location: Any) -> Checkpoint:
@@ -319,8 +295,8 @@ class CheckpointStore:
             raise CheckpointError(f"Cannot load checkpoint {location}: it does not exist.") from None
         try:
             manifest = Manifest(step=0, data=name, size=size, sha256="0" * 64, reason="external")
-            state, sha256 = _read_unverified(wd, name, map_location)
-        except _Invalid as e:
+            state, sha256 = read_unverified(wd, name, map_location)
+        except InvalidCheckpoint as e:
             raise CheckpointError(f"Cannot load checkpoint {location}: {e}.") from None
         if not (isinstance(state, dict) and "model" in state):
             state = {"model": state}
@@ -403,59 +379,6 @@ class CheckpointStore:
             self.work_dir.delete(relpath)
         except StorageError as e:
             log.warning("Could not delete %s: %s", self.work_dir.path(relpath), e)
-
-
-def _read_state(wd: WorkDir, relpath: str, manifest: Manifest, map_location: Any) -> Any:
-    """Verify size and sha256 of the data object against the manifest, then load it weights-only."""
-    try:
-        size = wd.size(relpath)
-    except FileNotFoundError:
-        raise _Invalid(f"data object {manifest.data} is missing") from None
-    except StorageError as e:
-        raise _Invalid(str(e)) from None
-    if size != manifest.size:
-        raise _Invalid(f"data object {manifest.data} has {size} bytes but the manifest records "
-                       f"{manifest.size} (truncated or replaced)")
-    state, sha256 = _read_unverified(wd, relpath, map_location)
-    if sha256 != manifest.sha256:
-        raise _Invalid(f"data object {manifest.data} has sha256 {sha256[:16]}... but the manifest records "
-                       f"{manifest.sha256[:16]}... (corrupted)")
-    return state
-
-
-def _read_unverified(wd: WorkDir, relpath: str, map_location: Any) -> tuple[Any, str]:
-    """``(torch.load(weights_only=True) of relpath, its sha256)``; loading never executes code.
-
-    Locally the file is hashed by streaming and loaded from its path; remote objects are read once into
-    memory. The object is hashed before it is unpickled, and the state is only returned when the caller
-    has compared that hash.
-    """
-    try:
-        if wd.is_local:
-            source: Any = wd.path(relpath)
-            sha256 = _sha256_file(source)
-        else:
-            blob = wd.read_bytes(relpath)
-            sha256 = hashlib.sha256(blob).hexdigest()
-            source = io.BytesIO(blob)
-    except (OSError, StorageError) as e:
-        raise _Invalid(f"cannot read {relpath}: {describe_error(e)}") from None
-    try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError for disallowed globals, RuntimeError for a bad zip, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise _Invalid(f"torch.load(weights_only=True) failed: {type(e).__name__}: {first}") from None
-    return state, sha256
-
-
-def _sha256_file(path: str) -> str:
-    sha = hashlib.sha256()
-    buffer = bytearray(_READ_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            sha.update(view[:n])
-    return sha.hexdigest()
 
 
 def _split(target: str) -> tuple[str, str]:
