@@ -50,6 +50,7 @@ from helpers import (  # noqa: E402
     free_port,
     read_jsonl,
     torchrun_cmd,
+    wait_for,
 )
 
 from elastic_det.checkpoint.store import CheckpointStore  # noqa: E402
@@ -66,13 +67,7 @@ RDZV_CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3"
 
 
 def wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(POLL)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    return wait_for(condition, timeout, what, interval=POLL)
 
 
 # ----------------------------------------------------------------------------------------------------------

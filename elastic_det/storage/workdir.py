@@ -121,11 +121,15 @@ class WorkDir:
         except _STORAGE_ERRORS as e:
             raise StorageError(f"Cannot create {self.path(relpath)}: {describe_error(e)}") from e
 
-    def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+    def _local_temp(self, relpath: str) -> tuple[str, str, str]:
+        """``(final path, its directory, a hidden temp path beside it)``, the directory made durably."""
         final = self.path(relpath)
         parent = os.path.dirname(final)
         makedirs_durable(parent)
-        tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+        return final, parent, os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+
+    def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+        final, parent, tmp = self._local_temp(relpath)
         try:
             with open(tmp, "xb") as raw:
                 writer = HashingWriter(raw)
@@ -166,10 +170,7 @@ class WorkDir:
         return writer.size, writer.hexdigest()
 
     def _create_local(self, relpath: str, data: bytes) -> bool:
-        final = self.path(relpath)
-        parent = os.path.dirname(final)
-        makedirs_durable(parent)
-        tmp = os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+        final, parent, tmp = self._local_temp(relpath)
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
