@@ -1,14 +1,48 @@
-"""The one exception type that reaches the user as a clear, one-paragraph message."""
+"""The error taxonomy: every failure that reaches the user is one of these, with one exit code each.
+
+The CLIs print ``str(error)`` as a single paragraph (no traceback: the message names the culprit) and exit
+with the class's ``exit_code``. Launchers and the supervisor act on the code alone:
+
+====  =====================  =====================================================================
+code  class                  what a launcher does
+====  =====================  =====================================================================
+0     (done)                 nothing: training finished
+2     UserError              final: bad input (config, data, checkpoint, bucket); relaunching cannot help
+3     WorkDirOwnedError      final: another writer committed to this work dir; stop now
+4     (supervisor only)      final: no attempt committed a checkpoint K times in a row; giving up
+75    InfrastructureError    retryable: storage or network outage (EX_TEMPFAIL)
+143   (preempted)            retryable: stopped by a preemption signal after its checkpoint; requeue
+====  =====================  =====================================================================
+"""
 
 from __future__ import annotations
 
+DONE_EXIT_CODE = 0
+USER_ERROR_EXIT_CODE = 2
+WORK_DIR_OWNED_EXIT_CODE = 3
+NO_PROGRESS_EXIT_CODE = 4
+INFRASTRUCTURE_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = 143
+"""Exit code after a preemption checkpoint (128 + SIGTERM).
 
-class UserError(Exception):
-    """Bad input from the user (config, data, checkpoint, storage).
+Not a success, so schedulers restart the job; Kubeflow's ``ExitCode`` restart policy treats 128-255 as
+retryable, and the Slurm script requeues on it.
+"""
 
-    The CLI prints ``str(error)`` as a single paragraph and exits with :data:`USER_ERROR_EXIT_CODE`;
-    no traceback, because the message already names the culprit.
-    """
+FINAL_EXIT_CODES = frozenset({USER_ERROR_EXIT_CODE, WORK_DIR_OWNED_EXIT_CODE, NO_PROGRESS_EXIT_CODE})
+"""Codes after which no launcher may start the job again."""
+
+
+class ElasticDetError(Exception):
+    """Base of every error the CLIs turn into one paragraph and ``exit_code``."""
+
+    exit_code = 1
+
+
+class UserError(ElasticDetError):
+    """Bad input from the user (config, data, checkpoint, storage location): final."""
+
+    exit_code = USER_ERROR_EXIT_CODE
 
 
 class ConfigError(UserError):
@@ -24,15 +58,25 @@ class CheckpointError(UserError):
 
 
 class StorageError(UserError):
-    """A work dir or bucket that cannot be reached or written."""
+    """A work dir or bucket that does not exist, denies access, or is not a valid location: final."""
 
 
-USER_ERROR_EXIT_CODE = 2
-"""Exit code for bad input. torchrun treats any non-zero exit as a failure; see README for restarts."""
+class InfrastructureError(ElasticDetError):
+    """Storage or network failing for now (timeouts, refused connections, 5xx, a full disk): retryable."""
 
-PREEMPTED_EXIT_CODE = 143
-"""Exit code after a preemption checkpoint (128 + SIGTERM).
+    exit_code = INFRASTRUCTURE_EXIT_CODE
 
-Not a success, so schedulers restart the job; Kubeflow's ``ExitCode`` restart policy treats 128-255 as
-retryable, and Slurm scripts requeue on it.
-"""
+
+class StorageUnavailableError(InfrastructureError):
+    """A work dir or bucket that exists but cannot be reached or written at the moment."""
+
+
+class WorkDirOwnedError(ElasticDetError):
+    """Another writer committed a newer checkpoint to this work dir: two runs share it; stop now."""
+
+    exit_code = WORK_DIR_OWNED_EXIT_CODE
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code a CLI returns for ``error`` (1 for anything outside the taxonomy)."""
+    return error.exit_code if isinstance(error, ElasticDetError) else 1

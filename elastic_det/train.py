@@ -1,7 +1,8 @@
 """``python -m elastic_det.train [CONFIG] [--work-dir PATH_OR_URL] [--resume auto|none|PATH] ...``
 
-Runs as one process or under torchrun (any ``--nnodes`` / ``--nproc-per-node``). Exit codes: 0 done,
-2 bad input (one-paragraph message on stderr), 143 preempted after a checkpoint (restart to resume).
+Runs as one process or under torchrun (any ``--nnodes`` / ``--nproc-per-node``). Exit codes (see
+``errors.py``): 0 done, 2 bad input, 3 another writer owns the work dir, 75 storage/network outage
+(retryable), 143 preempted after a checkpoint (restart to resume).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import load_config
-from .errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+from .errors import PREEMPTED_EXIT_CODE, ElasticDetError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import train
 
         preempted = train(cfg, resume=args.resume)
-    except UserError as e:
+    except ElasticDetError as e:
         print(f"elastic_det: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
+        return e.exit_code
     return PREEMPTED_EXIT_CODE if preempted else 0
 
 

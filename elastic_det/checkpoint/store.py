@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 import torch
 
-from ..errors import CheckpointError, StorageError
+from ..errors import CheckpointError, StorageError, WorkDirOwnedError
 from ..storage import WorkDir, describe_error
 from .manifest import Manifest, versions
 from .retention import steps_to_keep
@@ -39,8 +39,9 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _META_KEYS = frozenset({"config_hash", "world_size", "reason", "metrics"})
 
 
-class StaleCheckpointError(StorageError):
-    """A save refused because a newer checkpoint is already committed (this process is a stale attempt)."""
+class StaleCheckpointError(WorkDirOwnedError):
+    """A save refused because a newer checkpoint is already committed (this process is a stale attempt,
+    or another run writes to the same work dir): final, exit code 3."""
 
 
 @dataclass
