@@ -12,6 +12,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from . import exit_status
 from .config import load_config
 from .errors import PREEMPTED_EXIT_CODE, ElasticDetError
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         preempted = train(cfg, resume=args.resume)
     except ElasticDetError as e:
         print(f"elastic_det: error: {e}", file=sys.stderr)
+        exit_status.report(e.exit_code, str(e))
         return e.exit_code
     return PREEMPTED_EXIT_CODE if preempted else 0
 
