@@ -54,8 +54,11 @@ from helpers import (  # noqa: E402
 )
 
 from elastic_det.checkpoint.store import CheckpointStore  # noqa: E402
-from elastic_det.data.plan import ElasticBatchPlan  # noqa: E402
-from elastic_det.runner.progress import Progress, StepSchedule  # noqa: E402
+from elastic_det.data.plan import (  # noqa: E402
+    ElasticBatchPlan,  # noqa: E402
+    Progress,
+    StepSchedule,
+)
 from elastic_det.storage import WorkDir  # noqa: E402
 
 POLL = 0.005
@@ -184,7 +187,7 @@ def late_copy(early: Path, late: Path, num_samples: int, batch: int) -> None:
     checkpoint = CheckpointStore(WorkDir(str(early))).load_latest()
     manifest = checkpoint.manifest
     state = torch.load(Path(checkpoint.location) / manifest.data, weights_only=True)
-    per_epoch = ElasticBatchPlan(num_samples, seed=0, drop_last=True).batches_per_epoch(batch)
+    per_epoch = StepSchedule(ElasticBatchPlan(num_samples, seed=0, drop_last=True), batch, Progress()).steps_per_epoch
     epoch, step_in_epoch = divmod(LATE, per_epoch)
     state["progress"].update(global_step=LATE, epoch=epoch, step_in_epoch=step_in_epoch,
                              sample_offset=step_in_epoch * batch)
@@ -241,7 +244,7 @@ def seek_cost() -> dict[int, float]:
     for step in (10, 10**6):
         plan = ElasticBatchPlan(118_287, seed=0)
         start = time.perf_counter()
-        StepSchedule(plan, 118_287, 16, True, Progress()).at(step)
+        StepSchedule(plan, 16, Progress()).at(step)
         out[step] = time.perf_counter() - start
     return out
 

@@ -198,9 +198,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"Config {path or '(default)'}: cannot resolve interpolation: {e}") from None
-    cfg = _build(Config, data or {}, prefix="")
+    cfg = _build(Config, _drop_redacted(data or {}), prefix="")
     _check_values(cfg)
     return cfg
+
+
+def _drop_redacted(value: Any) -> Any:
+    """A run's config.yaml holds ``<redacted>`` for credentials: loading it again (``elastic_det.test``)
+    leaves them out, so the standard AWS environment supplies them."""
+    if isinstance(value, dict):
+        return {k: _drop_redacted(v) for k, v in value.items() if v != REDACTED}
+    return value
 
 
 def _load_with_bases(path: str, chain: tuple[str, ...]):
@@ -313,23 +321,106 @@ def _type_error(key: str, value: Any, expected: str) -> typing.NoReturn:
     )
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config key: ``low <= value <= high`` (``>`` / ``<`` when open)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts) + (f" ({self.why})" if self.why else "")
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+
+RANGES: dict[str, Range] = {
+    "seed": NON_NEGATIVE,
+    "data.shapes.num_train": Range(1),
+    "data.shapes.num_val": Range(1),
+    "data.shapes.image_size": Range(32, why="the shapes generator draws objects of 16 px and more"),
+    "data.shapes.max_objects": Range(1),
+    "data.shapes.seed": NON_NEGATIVE,
+    "data.global_batch_size": POSITIVE,
+    "data.micro_batch_size": NON_NEGATIVE,
+    "data.samples_per_device": NON_NEGATIVE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.val_batch_size": POSITIVE,
+    "data.train_transforms.min_size[]": POSITIVE,
+    "data.train_transforms.max_size": POSITIVE,
+    "data.train_transforms.flip_prob": FRACTION,
+    "data.train_transforms.color_jitter": FRACTION,
+    "data.val_transforms.min_size[]": POSITIVE,
+    "data.val_transforms.max_size": POSITIVE,
+    "data.val_transforms.flip_prob": FRACTION,
+    "data.val_transforms.color_jitter": FRACTION,
+    "model.num_classes": NON_NEGATIVE,
+    "model.min_size": POSITIVE,
+    "model.max_size": POSITIVE,
+    "model.trainable_backbone_layers": Range(0, 5),
+    "model.width": Range(32, why="the heads' GroupNorm needs 32 groups"),
+    "optimizer.lr": POSITIVE,
+    "optimizer.momentum": Range(0, 1, high_open=True),
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.betas[]": Range(0, 1, high_open=True),
+    "optimizer.clip_grad_norm": NON_NEGATIVE,
+    "schedule.warmup_steps": NON_NEGATIVE,
+    "schedule.warmup_factor": FRACTION,
+    "schedule.milestones[]": NON_NEGATIVE,
+    "schedule.gamma": POSITIVE,
+    "schedule.min_lr_ratio": FRACTION,
+    "train.max_steps": NON_NEGATIVE,
+    "train.max_epochs": NON_NEGATIVE,
+    "train.eval_interval": NON_NEGATIVE,
+    "checkpoint.interval": NON_NEGATIVE,
+    "checkpoint.interval_minutes": NON_NEGATIVE,
+    "checkpoint.keep_last": NON_NEGATIVE,
+    "checkpoint.keep_every": NON_NEGATIVE,
+    "checkpoint.max_failures": Range(1),
+    "log.interval": POSITIVE,
+    "dist.timeout_seconds": POSITIVE,
+}
+"""Every numeric key with a valid range (``key[]``: each item of a list). Checked when a config is loaded."""
+
+
 def _check_values(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = get_key(cfg, key)
         if value not in allowed:
             raise ConfigError(f"Config key '{key}' is {value!r}; choose one of {', '.join(allowed)}.")
-    positive = ["data.global_batch_size", "log.interval", "data.val_batch_size"]
-    for key in positive:
-        if get_key(cfg, key) <= 0:
-            raise ConfigError(f"Config key '{key}' must be > 0, got {get_key(cfg, key)}.")
-    non_negative = ["train.max_steps", "train.max_epochs", "checkpoint.interval", "checkpoint.keep_last",
-                    "checkpoint.keep_every", "data.micro_batch_size", "data.num_workers",
-                    "train.eval_interval", "schedule.warmup_steps", "data.samples_per_device"]
-    for key in non_negative:
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"Config key '{key}' must be >= 0, got {get_key(cfg, key)}.")
+    for key, valid in RANGES.items():
+        values = get_key(cfg, key[:-2]) if key.endswith("[]") else [get_key(cfg, key)]
+        for i, value in enumerate(values):
+            if not valid.contains(value):
+                name = f"{key[:-2]}[{i}]" if key.endswith("[]") else key
+                raise ConfigError(f"Config key '{name}' is {value!r}; it must be {valid.describe()}.")
     if cfg.train.max_steps == 0 and cfg.train.max_epochs == 0:
         raise ConfigError("Set train.max_steps or train.max_epochs (both are 0).")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"Config key 'optimizer.betas' must hold two numbers, got {cfg.optimizer.betas!r}.")
+    if cfg.model.width % 32:
+        raise ConfigError(f"Config key 'model.width' is {cfg.model.width}; it must be a multiple of 32 (the "
+                          "heads' GroupNorm has 32 groups).")
+    if cfg.model.max_size < cfg.model.min_size:
+        raise ConfigError(f"Config key 'model.max_size' ({cfg.model.max_size}) is smaller than 'model.min_size' "
+                          f"({cfg.model.min_size}).")
+    if cfg.schedule.milestones != sorted(cfg.schedule.milestones):
+        raise ConfigError(f"Config key 'schedule.milestones' must be increasing, got {cfg.schedule.milestones}.")
     if cfg.data.group_by_aspect_ratio and cfg.elastic.batch_policy == "scale_lr":
         raise ConfigError("data.group_by_aspect_ratio needs elastic.batch_policy=fixed_global: grouped "
                           "global batches have a fixed size.")
@@ -346,8 +437,40 @@ def get_key(cfg: Any, dotted: str) -> Any:
 # Output
 
 
+REDACTED = "<redacted>"
+_SECRET_WORDS = frozenset({"key", "secret", "token", "password", "passwd", "credential", "credentials",
+                           "signature", "auth", "authorization"})
+
+
+def is_secret_key(name: str) -> bool:
+    """A mapping key that holds a credential (``key``, ``secret``, ``aws_secret_access_key``, ``token``, ...)."""
+    words = name.lower().replace("-", "_").split("_")
+    return any(w in _SECRET_WORDS for w in words)
+
+
+def redact(value: Any) -> Any:
+    """``value`` with every credential inside ``storage_options`` mappings replaced by ``<redacted>``.
+
+    Credentials may be given in ``checkpoint.storage_options`` (or any other ``storage_options``); they
+    reach s3fs only and never a file, a log line, an event or a checkpoint.
+    """
+    if isinstance(value, dict):
+        return {k: (_redact_options(v) if k == "storage_options" else redact(v)) for k, v in value.items()}
+    return value
+
+
+def _redact_options(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: (REDACTED if is_secret_key(str(k)) and v not in (None, "") else _redact_options(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_options(v) for v in value]
+    return value
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain data, with YAML key names (``checkpoint.async``)."""
+    """The config as plain data, with YAML key names (``checkpoint.async``). Holds credentials: use
+    :func:`to_public_dict` for anything that is written, logged or compared."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -355,22 +478,31 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def to_public_dict(cfg: Config) -> dict[str, Any]:
+    """``to_dict`` with credentials redacted: what config.yaml, checkpoints and events may hold."""
+    return redact(to_dict(cfg))
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+    """The resolved config as YAML, credentials redacted."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_public_dict(cfg)))
 
 
 def config_hash(cfg: Config) -> str:
-    """A short hash of the resolved config, stored in every checkpoint manifest."""
-    text = json.dumps(to_dict(cfg), sort_keys=True)
+    """A short hash of the resolved config (credentials left out), stored in every checkpoint manifest."""
+    text = json.dumps(to_public_dict(cfg), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ between two ``to_dict`` outputs, as ``key: old -> new`` lines."""
+    """Keys whose values differ between two configs as plain data, as ``key: old -> new`` lines.
+
+    Both sides are redacted first, so a changed credential shows as a change without its value."""
+    old, new = redact(old), redact(new)
     lines = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key != "storage_options":
+        if isinstance(a, dict) and isinstance(b, dict):
             lines += diff(a, b, f"{prefix}{key}.")
         elif a != b:
             lines.append(f"{prefix}{key}: {a!r} -> {b!r}")

@@ -6,15 +6,20 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .config import DistConfig
+from .errors import UserError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,46 @@ def any_rank_each(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def mean_over_ranks(values: dict[str, float], weight: float) -> dict[str, float]:
-    """Weighted mean of scalars over ranks (``weight``: this rank's share of the global batch)."""
+def mean_over_ranks(values: dict[str, float | torch.Tensor], weight: float) -> dict[str, float]:
+    """Weighted mean of scalars (numbers or 0-d tensors on any device) over ranks, in one all-reduce.
+
+    ``weight`` is this rank's share of the global batch. The only host synchronisation is the final read.
+    """
     names = sorted(values)
-    if not dist.is_initialized():
-        return {n: values[n] for n in names}
-    t = torch.tensor([values[n] * weight for n in names] + [weight], dtype=torch.float64,
-                     device=_collective_device())
-    dist.all_reduce(t)
-    total = t[-1].item()
-    return {n: t[i].item() / total for i, n in enumerate(names)}
+    device = _collective_device() if dist.is_initialized() else torch.device("cpu")
+    parts = [torch.as_tensor(values[n]).detach().reshape(()).to(device, torch.float64) * weight for n in names]
+    t = torch.stack([*parts, torch.tensor(float(weight), dtype=torch.float64, device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    totals = t.tolist()
+    return {n: totals[i] / totals[-1] if totals[-1] else 0.0 for i, n in enumerate(names)}
+
+
+def is_main() -> bool:
+    """Rank 0 of the process group (or a single process)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def local_main_first(build: Callable[[], T], local_rank: int) -> T:
+    """``build()`` on each node's local rank 0 first (it may create files the others then read), then on
+    the other ranks. An error on any rank's first build reaches every rank as the same error (one
+    all-gather), so all ranks end with the same message instead of a peer's broken connection."""
+    result: T | None = None
+    error: BaseException | None = None
+    if local_rank == 0:
+        try:
+            result = build()
+        except UserError as e:
+            error = e
+    if dist.is_initialized():
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else (type(error), str(error)))
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise error if error is not None else first[0](first[1])
+    elif error is not None:
+        raise error
+    return result if local_rank == 0 else build()
 
 
 def broadcast_object(obj, src: int = 0):

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import torch
-import torchvision
 
-from . import __version__
+from .checkpoint.manifest import versions
 
 
 def git_hash() -> str:
@@ -20,12 +19,6 @@ def git_hash() -> str:
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def versions() -> dict[str, str]:
-    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
-    return {"elastic_det": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version()}
 
 
 def collect(world_size: int) -> dict[str, str | int]:

@@ -33,12 +33,3 @@ class PreemptionFlag:
     def is_set(self) -> bool:
         return self._event.is_set()
 
-    def set(self, reason: str) -> None:
-        self.signal_name = reason
-        self._event.set()
-
-
-def ignore_preemption_signals() -> None:
-    """For data-loader workers: only the main process reacts to preemption."""
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

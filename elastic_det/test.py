@@ -3,7 +3,8 @@
 Evaluates a checkpoint (COCO box mAP on the val split of CONFIG) and prints the metrics table. The second
 argument is a work dir (its newest committed checkpoint), a checkpoint step directory, or a weights file
 (``.pt``/``.pth``); local paths or fsspec URLs. Runs as one process or under torchrun: every rank predicts
-its share of the val set, rank 0 gathers, scores and writes. Exit codes: 0 done, 2 bad input.
+its share of the val set, rank 0 gathers, scores and writes. Exit codes: 0 done, 2 bad input, 75 storage
+outage (see ``elastic_det.errors``).
 """
 
 from __future__ import annotations
@@ -26,18 +27,16 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 
 from . import dist
-from .checkpoint.store import CheckpointStore
 from .config import Config, load_config
 from .data.build import build_dataset
 from .data.loader import build_val_loader
 from .data.transforms import build_transforms
-from .errors import USER_ERROR_EXIT_CODE, CheckpointError, StorageError, UserError
+from .errors import ElasticDetError, StorageError
 from .evaluation.coco_eval import CocoReport, format_table, run_cocoeval
 from .evaluation.inference import predict
 from .models.build import build_model
-from .models.weights import load_model_state
 from .run_files import setup_text_logging
-from .storage import WorkDir
+from .state import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                                 out=args.out)
         finally:
             dist.shutdown()
-    except UserError as e:
+    except ElasticDetError as e:
         print(f"elastic_det: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
+        return e.exit_code
     return 0
 
 
@@ -78,18 +77,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, info: dist.DistInfo, show_
                         score_thr: float = 0.3, out: str | None = None) -> CocoReport | None:
     """Evaluate ``checkpoint`` on the val split; the report on rank 0 (printed there), None elsewhere."""
     setup_text_logging(None, info.rank)
-    if info.local_rank == 0:  # local rank 0 prepares generated data first; the others then read it
-        dataset = build_dataset(cfg.data, "val")
-    dist.barrier()
-    if info.local_rank != 0:
-        dataset = build_dataset(cfg.data, "val")
-
+    dataset = dist.local_main_first(lambda: build_dataset(cfg.data, "val"), info.local_rank)
     model = build_model(cfg.model, dataset.num_classes)
-    loaded = CheckpointStore(WorkDir(checkpoint, cfg.checkpoint.storage_options)).load(checkpoint)
-    if "model" not in loaded.state:
-        raise CheckpointError(f"Checkpoint {loaded.location} has no 'model' weights (keys: "
-                              f"{', '.join(sorted(loaded.state)) or 'none'}).")
-    load_model_state(model, loaded.state["model"], loaded.location)
+    loaded = load_weights(model, checkpoint, cfg.checkpoint.storage_options)
     model.to(info.device)
     log.info("Evaluating %s (step %d) on %d val images, %d rank(s)", loaded.location, loaded.manifest.step,
              len(dataset), info.world_size)

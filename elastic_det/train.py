@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides_from_args(args))
         if args.amp:
-            import torch
+            from .amp import default_mode
 
-            cfg.train.amp = "fp16" if torch.cuda.is_available() else "bf16"
+            cfg.train.amp = default_mode()
         from .trainer import train
 
         preempted = train(cfg, resume=args.resume)

@@ -21,6 +21,7 @@ from elastic_det.data import (
     generate_shapes,
     split_share,
 )
+from elastic_det.data.plan import Progress, StepSchedule
 from elastic_det.errors import DataError
 
 
@@ -37,9 +38,10 @@ def train_set(root):
 
 def steps(plan, batch_size, rank, world_size, start=0):
     """(epoch, this rank's indices) per global step, forever."""
+    schedule = StepSchedule(plan, batch_size, Progress())
     for step in itertools.count(start):
-        epoch, _, batch = plan.step_batch(step, batch_size)
-        yield epoch, split_share(batch, rank, world_size)
+        info = schedule.at(step)
+        yield info.epoch, split_share(info.indices, rank, world_size)
 
 
 def test_collate_keeps_lists():
@@ -56,8 +58,8 @@ def test_train_loader_follows_the_plan_lazily(shapes_root, num_workers):
     loader = build_train_loader(samples, steps(plan, 5, rank=1, world_size=2, start=3), num_workers)
     got = list(itertools.islice(loader, 6))  # the step generator is infinite
     for k, (images, targets) in enumerate(got):
-        epoch, _, batch = plan.step_batch(3 + k, 5)
-        share = split_share(batch, 1, 2)
+        step = StepSchedule(plan, 5, Progress()).at(3 + k)
+        epoch, share = step.epoch, split_share(step.indices, 1, 2)
         assert [t["image_id"] for t in targets] == [dataset.image_ids[i] for i in share]
         for image, target, i in zip(images, targets, share, strict=True):
             expected_image, expected_target = samples[(epoch, i)]

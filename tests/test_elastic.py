@@ -40,8 +40,7 @@ from helpers import (
     wait_for,
 )
 
-from elastic_det.data.plan import ElasticBatchPlan
-from elastic_det.runner.progress import Progress, StepSchedule
+from elastic_det.data.plan import ElasticBatchPlan, Progress, StepSchedule
 
 N_TRAIN = 40
 BATCH = 7  # divisible by neither 2 nor 3: shares at world size 2 are 4+3, at 3 they are 3+2+2
@@ -372,6 +371,12 @@ def test_scale_lr_keeps_the_sample_stream_and_scales_the_lr(tmp_path, cache, pro
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
+def reference_batch(plan: ElasticBatchPlan, step: int, batch: int, per_epoch: int) -> list[int]:
+    """The global batch of ``step`` by plain arithmetic on the epochs' orders (batch size fixed since step 0)."""
+    epoch, k = divmod(step, per_epoch)
+    return plan.epoch_order(epoch)[k * batch:(k + 1) * batch]
+
+
 def test_seek_to_a_late_step_computes_one_permutation(monkeypatch, drop_last):
     calls = []
     original = ElasticBatchPlan._compute_order
@@ -383,18 +388,18 @@ def test_seek_to_a_late_step_computes_one_permutation(monkeypatch, drop_last):
     for step in (10, 10**6):
         plan = ElasticBatchPlan(n, seed=5, drop_last=drop_last)
         calls.clear()
-        info = StepSchedule(plan, n, batch, drop_last, Progress(seed=5)).at(step)
+        info = StepSchedule(plan, batch, Progress(seed=5)).at(step)
         counts[step] = len(calls)
         assert (info.epoch, info.step_in_epoch) == divmod(step, per_epoch)
-        assert info.indices == plan.step_batch(step, batch)[2]
+        assert info.indices == reference_batch(plan, step, batch, per_epoch)
     assert counts == {10: 1, 10**6: 1}
 
     # from a cursor late in an epoch (what a resume builds): the same batches, and again one permutation
     plan = ElasticBatchPlan(n, seed=5, drop_last=drop_last)
-    cursor = StepSchedule(plan, n, batch, drop_last, Progress(seed=5)).at(10**6 - 3).next_progress(5)
-    expected = [plan.step_batch(s, batch)[2] for s in range(10**6 - 3, 10**6 + 3)]
+    cursor = StepSchedule(plan, batch, Progress(seed=5)).at(10**6 - 3).next_progress(5)
+    expected = [reference_batch(plan, s, batch, per_epoch) for s in range(10**6 - 3, 10**6 + 3)]
     calls.clear()
-    late = StepSchedule(ElasticBatchPlan(n, seed=5, drop_last=drop_last), n, batch, drop_last, cursor)
+    late = StepSchedule(ElasticBatchPlan(n, seed=5, drop_last=drop_last), batch, cursor)
     assert [late.at(s).indices for s in range(10**6 - 2, 10**6 + 3)] == expected[1:]
     assert len(set(calls)) == len(calls) <= 2  # at most this epoch and the next, each once
 
@@ -436,7 +441,7 @@ def test_epoch_hooks_follow_the_sample_cursor_after_a_batch_size_change():
             return {}
 
     cursor = Progress(global_step=7, epoch=0, step_in_epoch=7, sample_offset=14, seed=0)
-    schedule = StepSchedule(ElasticBatchPlan(SCALE_N, seed=0, drop_last=False), SCALE_N, 4, False, cursor)
+    schedule = StepSchedule(ElasticBatchPlan(SCALE_N, seed=0, drop_last=False), 4, cursor)
     runner = NoModel(model=nn.Identity(), optimizer=None, scheduler=None, scaler=None, schedule=schedule,
                      batches=itertools.repeat(([], [])), hooks=[Recorder()],
                      dist_info=DistInfo(0, 1, 0, torch.device("cpu"), 0), progress=cursor, max_steps=16,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from elastic_det.data import ElasticBatchPlan, aspect_groups, split_micro, split_share
+from elastic_det.data.plan import Progress, StepSchedule
 from elastic_det.errors import DataError
 
 
@@ -14,7 +15,7 @@ def test_epoch_order_is_a_permutation_that_depends_only_on_seed_and_epoch():
     assert orders[0] != orders[1] != orders[2]
     # Another instance, asked in another order of epochs, and with another batch size in between.
     other = ElasticBatchPlan(100, seed=3)
-    other.step_batch(57, 7)
+    step_batch(other, 57, 7)
     assert [other.epoch_order(e) for e in (2, 0, 1)] == [orders[2], orders[0], orders[1]]
     assert ElasticBatchPlan(100, seed=4).epoch_order(0) != orders[0]
     # Fixed expectation: the order must not change between versions (resuming an old run).
@@ -24,27 +25,37 @@ def test_epoch_order_is_a_permutation_that_depends_only_on_seed_and_epoch():
 REFERENCE_ORDER = [3, 2, 1, 8, 6, 0, 7, 4, 5, 9]
 
 
+def step_batch(plan: ElasticBatchPlan, step: int, batch_size: int) -> tuple[int, int, list[int]]:
+    """``(epoch, step_in_epoch, indices)`` of a global step of a run that started at step 0."""
+    info = StepSchedule(plan, batch_size, Progress()).at(step)
+    return info.epoch, info.step_in_epoch, info.indices
+
+
+def per_epoch(plan: ElasticBatchPlan, batch_size: int) -> int:
+    return StepSchedule(plan, batch_size, Progress()).steps_per_epoch
+
+
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_step_batch_matches_iterating_the_epochs(drop_last):
     n, b = 23, 5
     plan = ElasticBatchPlan(n, seed=1, drop_last=drop_last)
-    per_epoch = plan.batches_per_epoch(b)
-    assert per_epoch == (4 if drop_last else 5)
+    n_steps = per_epoch(plan, b)
+    assert n_steps == (4 if drop_last else 5)
     step = 0
     for epoch in range(3):
-        for k in range(per_epoch):
+        for k in range(n_steps):
             expected = plan.epoch_order(epoch)[k * b:(k + 1) * b]
-            assert plan.step_batch(step, b) == (epoch, k, expected)
+            assert step_batch(plan, step, b) == (epoch, k, expected)
             assert plan.batch(epoch, k * b, b) == expected
             step += 1
-    last = plan.step_batch(per_epoch - 1, b)[2]
+    last = step_batch(plan, n_steps - 1, b)[2]
     assert len(last) == (5 if drop_last else 3)  # the last partial batch: kept smaller, or dropped
 
 
 def test_every_sample_exactly_once_per_epoch_without_drop_last():
     plan = ElasticBatchPlan(23, seed=2, drop_last=False)
     for epoch in range(2):
-        seen = [i for k in range(plan.batches_per_epoch(5)) for i in plan.step_batch(epoch * 5 + k, 5)[2]]
+        seen = [i for k in range(per_epoch(plan, 5)) for i in step_batch(plan, epoch * 5 + k, 5)[2]]
         assert sorted(seen) == list(range(23))
 
 
@@ -68,7 +79,7 @@ def test_split_micro():
 def test_samples_of_a_step_do_not_depend_on_world_size():
     plan = ElasticBatchPlan(50, seed=9)
     for step in (0, 3, 11, 40):
-        batch = plan.step_batch(step, 8)[2]
+        batch = step_batch(plan, step, 8)[2]
         for world_size in (1, 2, 3, 5):
             shares = [split_share(batch, r, world_size) for r in range(world_size)]
             assert sorted(itertools.chain(*shares)) == sorted(batch)
@@ -105,17 +116,17 @@ def test_step_batch_is_constant_time_in_the_step(monkeypatch):
         return real(epoch)
 
     monkeypatch.setattr(plan, "_compute_order", counting)
-    epoch, step_in_epoch, batch = plan.step_batch(10**6, 16)
+    epoch, step_in_epoch, batch = step_batch(plan, 10**6, 16)
     assert computed == [10**6 // 62] and (epoch, step_in_epoch) == divmod(10**6, 62)
     assert batch == real(epoch)[step_in_epoch * 16:(step_in_epoch + 1) * 16]
-    plan.step_batch(10**6 + 1, 16)  # same epoch: cached
+    step_batch(plan, 10**6 + 1, 16)  # same epoch: cached
     assert len(computed) == 1
 
 
 def test_bad_sizes():
-    with pytest.raises(DataError, match="fewer than the global batch size 16"):
-        ElasticBatchPlan(10, seed=0).step_batch(0, 16)
-    assert ElasticBatchPlan(10, seed=0, drop_last=False).step_batch(1, 16)[:2] == (1, 0)
+    with pytest.raises(DataError, match=r"fewer than one global batch \(16\)"):
+        step_batch(ElasticBatchPlan(10, seed=0), 0, 16)
+    assert step_batch(ElasticBatchPlan(10, seed=0, drop_last=False), 1, 16)[:2] == (1, 0)
     with pytest.raises(DataError, match="empty"):
         ElasticBatchPlan(0, seed=0)
     with pytest.raises(ValueError, match="group_batch_size"):

@@ -16,9 +16,6 @@ from importlib import metadata
 
 FORMAT_VERSION = 1
 
-REASONS = ("interval", "time", "preempt", "final", "external")
-"""Reasons the trainer uses; others are accepted (the field is informational)."""
-
 _DATA_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 

@@ -1,19 +1,21 @@
-"""The global sample order, replacing ``DistributedSampler``.
+"""The global sample order, replacing ``DistributedSampler``: the one home of the epoch arithmetic.
 
 Every rank computes the same order from ``(seed, epoch)`` alone, cuts it into global batches, and takes
 its contiguous share of the current one. Nothing depends on the world size, the rank or how many
-restarts happened, so a checkpointed cursor ``(epoch, step_in_epoch)`` or a global step is enough to
-continue exactly, with any number of ranks:
+restarts happened, so the checkpointed cursor (:class:`Progress`) is enough to continue exactly, with any
+number of ranks:
 
     plan = ElasticBatchPlan(len(dataset), seed=cfg.seed)
-    epoch, step_in_epoch, batch = plan.step_batch(global_step, cfg.data.global_batch_size)
-    share = split_share(batch, rank, world_size)
+    schedule = StepSchedule(plan, global_batch_size, start=progress)
+    step = schedule.at(global_step)                     # epoch, step_in_epoch, the global batch
+    share = split_share(step.indices, rank, world_size)
     for micro in split_micro(share, cfg.data.micro_batch_size): ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -73,28 +75,9 @@ class ElasticBatchPlan:
         shuffled = [batches[i] for i in np.argsort(rng.random(len(batches)), kind="stable")]
         return np.concatenate([*shuffled, *leftovers]).tolist()
 
-    def batches_per_epoch(self, batch_size: int) -> int:
-        _check_batch_size(batch_size)
-        if self.drop_last:
-            return self.num_samples // batch_size
-        return -(-self.num_samples // batch_size)
-
     def batch(self, epoch: int, offset: int, batch_size: int) -> list[int]:
         """``batch_size`` samples of ``epoch`` from position ``offset`` (fewer at the end of the epoch)."""
         return self.epoch_order(epoch)[offset:offset + batch_size]
-
-    def step_batch(self, global_step: int, batch_size: int) -> tuple[int, int, list[int]]:
-        """``(epoch, step_in_epoch, indices)`` of a global step, for a batch size fixed since step 0.
-
-        Arithmetic on the step, then one permutation: resuming at step 10**6 costs what step 10 does.
-        """
-        per_epoch = self.batches_per_epoch(batch_size)
-        if per_epoch == 0:
-            raise DataError(f"The training dataset has {self.num_samples} samples, fewer than the global "
-                            f"batch size {batch_size}, and data.drop_last is set: an epoch has no batch. "
-                            f"Lower data.global_batch_size or set data.drop_last=false.")
-        epoch, step_in_epoch = divmod(global_step, per_epoch)
-        return epoch, step_in_epoch, self.batch(epoch, step_in_epoch * batch_size, batch_size)
 
 
 def split_share(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -121,6 +104,82 @@ def aspect_groups(aspect_ratios: Sequence[float]) -> list[int]:
     return [0 if r >= 1.0 else 1 for r in aspect_ratios]
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size <= 0:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
+@dataclass
+class Progress:
+    """The cursor saved in every checkpoint: the next step to run and where it starts in the sample order."""
+
+    global_step: int = 0  # global steps completed
+    epoch: int = 0
+    step_in_epoch: int = 0
+    sample_offset: int = 0  # samples of `epoch` already consumed
+    seed: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, int]) -> Progress:
+        return cls(**{k: int(v) for k, v in state.items()})
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    global_step: int  # the step's index (0-based): after it, global_step + 1 steps are done
+    epoch: int
+    step_in_epoch: int
+    offset: int  # position of the batch in the epoch's order
+    indices: list[int]  # the global batch, as dataset indices
+
+    def next_progress(self, seed: int) -> Progress:
+        return Progress(self.global_step + 1, self.epoch, self.step_in_epoch + 1,
+                        self.offset + len(self.indices), seed)
+
+
+class StepSchedule:
+    """Maps any global step at or after a cursor to its global batch in O(1).
+
+    Nothing is replayed: step ``s`` is found arithmetically from the cursor, and only the permutation of
+    the epoch it falls in is computed. ``batch_size`` may differ from the one the cursor was made with
+    (the ``scale_lr`` policy after a world-size change): the cursor counts samples.
+    """
+
+    def __init__(self, plan: ElasticBatchPlan, batch_size: int, start: Progress) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.plan = plan
+        self.num_samples = plan.num_samples
+        self.batch_size = batch_size
+        self.drop_last = plan.drop_last
+        self.start = start
+        self.steps_per_epoch = self._steps_from(0)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"The training set has {self.num_samples} images, fewer than one global batch "
+                            f"({batch_size}), and data.drop_last is set: an epoch has no batch. Lower "
+                            "data.global_batch_size or set data.drop_last=false.")
+
+    def _steps_from(self, offset: int) -> int:
+        remaining = max(self.num_samples - offset, 0)
+        if self.drop_last:
+            return remaining // self.batch_size
+        return -(-remaining // self.batch_size)
+
+    def epoch_done(self, progress: Progress) -> bool:
+        """No step of ``progress.epoch`` is left after the cursor (the next step starts a new epoch)."""
+        return self._steps_from(progress.sample_offset) == 0
+
+    def at(self, global_step: int) -> StepInfo:
+        k = global_step - self.start.global_step
+        if k < 0:
+            raise ValueError(f"step {global_step} is before the cursor at {self.start.global_step}")
+        left_in_first = self._steps_from(self.start.sample_offset)
+        if k < left_in_first:
+            epoch = self.start.epoch
+            step_in_epoch = self.start.step_in_epoch + k
+            offset = self.start.sample_offset + k * self.batch_size
+        else:
+            k -= left_in_first
+            epoch = self.start.epoch + 1 + k // self.steps_per_epoch
+            step_in_epoch = k % self.steps_per_epoch
+            offset = step_in_epoch * self.batch_size
+        indices = self.plan.batch(epoch, offset, self.batch_size)
+        return StepInfo(global_step, epoch, step_in_epoch, offset, indices)

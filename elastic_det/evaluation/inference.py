@@ -7,7 +7,6 @@ resized that image, the boxes are scaled back to the original size recorded in t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,9 +16,8 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from torch import nn
 
+from ..amp import autocast
 from .coco_eval import coco_evaluate, predictions_to_coco
-
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def evaluate(model: nn.Module, dataset: Any, loader: Iterable, device: torch.device | str,
@@ -61,7 +59,7 @@ def _run_model(model: nn.Module, loader: Iterable, device: torch.device, amp: st
     model.eval()
     out = []
     try:
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.inference_mode(), autocast(amp, device):
             for images, targets in loader:
                 sizes = [tuple(img.shape[-2:]) for img in images]
                 detections = model([img.to(device, non_blocking=True) for img in images])
@@ -73,15 +71,6 @@ def _run_model(model: nn.Module, loader: Iterable, device: torch.device, amp: st
     finally:
         model.train(was_training)
     return out
-
-
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``amp``; fp16 is a CUDA mode, so on other devices inference runs in fp32."""
-    if amp == "none" or (amp == "fp16" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    if amp not in _AMP_DTYPES:
-        raise ValueError(f"amp must be none, fp16 or bf16, got {amp!r}")
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
 def _to_original_size(pred: dict[str, Any], image_info: dict[str, Any]) -> dict[str, Any]:

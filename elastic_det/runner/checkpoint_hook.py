@@ -1,9 +1,14 @@
 """When to save, and what happens when a save fails or a preemption signal arrives.
 
-Every step all ranks agree, with one small all-reduce, on three flags: a preemption signal reached some
-rank, the wall-clock interval has passed on some rank, too many saves failed in a row. Then every rank
-takes the same decision. Rank 0 writes (model replicas are identical); the commit protocol lives in
-``checkpoint.store``.
+Every step all ranks agree, with one small all-reduce, on four flags: a preemption signal reached some
+rank, the wall-clock interval has passed on some rank, too many saves failed in a row, another writer
+owns the work dir. Then every rank takes the same decision. Rank 0 writes (model replicas are
+identical); the commit protocol lives in ``checkpoint.store``.
+
+A failed save is a storage problem (``StorageError``, ``InfrastructureError``, ``OSError``): it is
+logged as ``checkpoint_failed`` and retried at the next interval. A save refused because a newer
+checkpoint exists (``WorkDirOwnedError``: another run writes here) stops every rank at once, exit 3.
+Anything else is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .. import dist
 from ..checkpoint.async_save import AsyncSaver
 from ..checkpoint.store import CheckpointStore
 from ..config import CheckpointConfig
-from ..errors import StorageError
+from ..errors import InfrastructureError, StorageError, StorageUnavailableError, WorkDirOwnedError
 from ..preemption import PreemptionFlag
 from ..run_files import MetricsLog, RunFiles
 from .hook import Hook
@@ -27,22 +32,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SAVE_FAILURES = (StorageError, InfrastructureError, OSError)
+"""What a failed save may raise; it commits nothing and leaves older checkpoints alone."""
+
+OnSaved = Callable[[int, str, float, bool], None]
+"""``on_saved(step, reason, seconds, committed)``: told of every save attempt (e.g. the goodput ledger)."""
+
 
 class CheckpointHook(Hook):
     def __init__(self, store: CheckpointStore, cfg: CheckpointConfig, preempt: PreemptionFlag,
-                 metrics: MetricsLog, files: RunFiles, build_state: Callable[[Runner], dict[str, Any]],
-                 meta: dict[str, Any], is_main: bool) -> None:
+                 metrics: MetricsLog, files: RunFiles, meta: dict[str, Any], is_main: bool,
+                 on_saved: OnSaved | None = None) -> None:
         self.store = store
         self.cfg = cfg
         self.preempt = preempt
         self.metrics = metrics
         self.files = files
-        self.build_state = build_state
         self.meta = meta
         self.is_main = is_main
+        self.on_saved = on_saved
         self.saver = AsyncSaver(store) if cfg.async_save and is_main else None
         self.failures = 0
-        self.last_error = ""
+        self.last_error: BaseException | None = None
+        self.owner_error: WorkDirOwnedError | None = None
+        self.bug: BaseException | None = None  # a non-storage exception from the save thread
         self._last_save = time.monotonic()
         self._saved_step = -1
 
@@ -51,22 +64,25 @@ class CheckpointHook(Hook):
         self._saved_step = runner.progress.global_step
 
     def after_step(self, runner: Runner) -> None:
+        if self.bug is not None:
+            raise self.bug
         step = runner.progress.global_step
         minutes = self.cfg.interval_minutes
         time_due = minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
-        preempted, time_due, fatal = dist.any_rank_each(
-            [self.preempt.is_set(), time_due, self.failures >= self.cfg.max_failures])
-        if fatal:
-            raise StorageError(
-                f"{self.cfg.max_failures} checkpoint saves in a row failed (checkpoint.max_failures); "
-                f"training stops so no more work is at risk. Last error: {self.last_error or 'see rank 0'}"
-            )
+        preempted, time_due, too_many, owned = dist.any_rank_each(
+            [self.preempt.is_set(), time_due, self.failures >= self.cfg.max_failures, self.owner_error is not None])
+        if owned:
+            raise self.owner_error or WorkDirOwnedError(
+                f"Another writer committed a newer checkpoint to {self.store.work_dir.url}; this run stops.")
+        if too_many:
+            raise self._failure_error(f"{self.cfg.max_failures} checkpoint saves in a row failed "
+                                      "(checkpoint.max_failures); training stops so no more work is at risk.")
         if preempted:
             self.save(runner, "preempt", sync=True)
             if self.is_main:
                 self.metrics.event("preempt", step, signal=self.preempt.signal_name or "peer",
                                    world_size=runner.dist.world_size)
-            runner.stop_reason = "preempt"
+            runner.request_stop("preempt")
             return
         if step == runner.max_steps:
             return  # the final save happens after the final evaluation, in after_run
@@ -78,9 +94,19 @@ class CheckpointHook(Hook):
     def after_run(self, runner: Runner) -> None:
         if runner.stop_reason is None and runner.progress.global_step >= runner.max_steps:
             self.save(runner, "final", sync=True)
-            if dist.any_rank(self.failures > 0):
-                raise StorageError(f"The final checkpoint could not be saved: {self.last_error or 'see rank 0'}")
+            owned, failed = dist.any_rank_each([self.owner_error is not None, self.failures > 0])
+            if owned:
+                raise self.owner_error or WorkDirOwnedError(
+                    f"Another writer committed a newer checkpoint to {self.store.work_dir.url}.")
+            if failed:
+                raise self._failure_error("The final checkpoint could not be saved.")
         elif self.saver is not None:
+            self.saver.wait()
+        if self.bug is not None:
+            raise self.bug
+
+    def close(self) -> None:
+        if self.saver is not None:
             self.saver.wait()
 
     def save(self, runner: Runner, reason: str, sync: bool) -> None:
@@ -90,9 +116,9 @@ class CheckpointHook(Hook):
             return
         self._saved_step = step
         if self.is_main:
-            state = self.build_state(runner)
+            state = runner.state_dict()
             meta = {**self.meta, "reason": reason, "world_size": runner.dist.world_size,
-                    "metrics": dict(getattr(runner, "latest_metrics", {}) or {})}
+                    "metrics": dict(runner.last_eval.metrics) if runner.last_eval else {}}
             if self.saver is not None and not sync:
                 self.saver.submit(step, state, meta, self._on_done(step, reason))
             else:
@@ -101,7 +127,7 @@ class CheckpointHook(Hook):
                 start = time.perf_counter()
                 try:
                     manifest = self.store.save(step, state, meta)
-                except Exception as e:  # disk full, bucket unreachable, permission denied, ...
+                except (*SAVE_FAILURES, WorkDirOwnedError) as e:
                     self._on_done(step, reason)(None, e, time.perf_counter() - start)
                 else:
                     self._on_done(step, reason)(manifest, None, time.perf_counter() - start)
@@ -110,15 +136,34 @@ class CheckpointHook(Hook):
 
     def _on_done(self, step: int, reason: str) -> Callable[[Any, BaseException | None, float], None]:
         def done(manifest: Any, error: BaseException | None, seconds: float) -> None:
+            if self.on_saved is not None:
+                self.on_saved(step, reason, seconds, error is None)
             if error is None:
                 self.failures = 0
                 self.metrics.event("checkpoint", step, reason=reason, seconds=round(seconds, 3),
                                    path=self.store.location(step))
                 self.files.sync()
-            else:
+            elif isinstance(error, WorkDirOwnedError):
+                self.owner_error = error
+                log.error("Checkpoint at step %d refused: %s", step, error)
+                self.metrics.event("checkpoint_failed", step, reason=reason, error=_describe(error), final=True)
+            elif isinstance(error, SAVE_FAILURES):
                 self.failures += 1
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.error("Checkpoint at step %d failed (%d in a row): %s", step, self.failures, self.last_error)
-                self.metrics.event("checkpoint_failed", step, reason=reason, error=self.last_error,
+                self.last_error = error
+                log.error("Checkpoint at step %d failed (%d in a row): %s", step, self.failures, _describe(error))
+                self.metrics.event("checkpoint_failed", step, reason=reason, error=_describe(error),
                                    failures=self.failures)
+            else:
+                self.bug = error
         return done
+
+    def _failure_error(self, what: str) -> Exception:
+        """Final when the last failure was (a store that denies access, does not exist); else retryable."""
+        detail = f" Last error: {_describe(self.last_error)}" if self.last_error else " (see rank 0's log)"
+        if isinstance(self.last_error, StorageError):
+            return StorageError(what + detail)
+        return StorageUnavailableError(what + detail)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -18,14 +18,15 @@ log = logging.getLogger(__name__)
 
 
 class EvalHook(Hook):
+    """Runs ``evaluate(model)`` on every rank (it returns the metrics on rank 0, None elsewhere), writes the
+    val record to ``metrics.jsonl`` and hands the metrics to ``runner.record_eval``."""
+
     def __init__(self, evaluate: Callable[[nn.Module], dict[str, float] | None], interval: int,
-                 metrics: MetricsLog, format_table: Callable[[dict[str, float]], str],
-                 on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> None:
+                 metrics: MetricsLog, format_table: Callable[[dict[str, float]], str]) -> None:
         self.evaluate = evaluate
         self.interval = interval
         self.metrics = metrics
         self.format_table = format_table
-        self.on_metrics = on_metrics
         self._done_step = -1
 
     def after_step(self, runner: Runner) -> None:
@@ -43,10 +44,7 @@ class EvalHook(Hook):
             return
         self._done_step = step
         results = self.evaluate(runner.unwrapped_model)
-        if results is None:  # not rank 0
-            return
-        runner.latest_metrics = results
-        self.metrics.write({"mode": "val", "step": step, **results})
-        log.info("Evaluation at step %d:\n%s", step, self.format_table(results))
-        if self.on_metrics is not None:
-            self.on_metrics(step, results)
+        if results is not None:  # rank 0
+            self.metrics.write({"mode": "val", "step": step, **results})
+            log.info("Evaluation at step %d:\n%s", step, self.format_table(results))
+        runner.record_eval(results or {})

@@ -1,19 +1,14 @@
-"""Optimizer, learning-rate schedule (in global steps) and the hooks that step them."""
+"""Optimizer and learning-rate schedule (in global steps); the runner steps both."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import OptimizerConfig, ScheduleConfig
-from .hook import Hook
-
-if TYPE_CHECKING:
-    from .runner import Runner
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -68,33 +63,3 @@ def restore_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict,
     for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["initial_lr"] = base_lr
         group["lr"] = lr
-
-
-class OptimizerHook(Hook):
-    """Unscale (AMP), clip, step, and clear gradients once per global step."""
-
-    def __init__(self, clip_grad_norm: float) -> None:
-        self.clip_grad_norm = clip_grad_norm
-
-    def after_step(self, runner: Runner) -> None:
-        scaler = runner.scaler
-        if self.clip_grad_norm > 0:
-            if scaler is not None:
-                scaler.unscale_(runner.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(runner.model.parameters(), self.clip_grad_norm)
-            runner.step_outputs["grad_norm"] = float(norm)
-        if scaler is not None:
-            scaler.step(runner.optimizer)
-            scaler.update()
-        else:
-            runner.optimizer.step()
-        runner.optimizer.zero_grad(set_to_none=True)
-
-
-class LRSchedulerHook(Hook):
-    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-        self.scheduler = scheduler
-
-    def after_step(self, runner: Runner) -> None:
-        runner.step_outputs["lr"] = runner.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()

@@ -4,7 +4,7 @@ A global step consumes exactly ``global batch size`` samples, split across the c
 rank, into micro-batches. The loss of every micro-batch is weighted by its share of the global batch, so
 the gradient is the mean over the global batch however it was split (DDP averages over ranks, hence the
 factor ``world_size``). DDP synchronises once per step: every micro-batch but the last runs in
-``no_sync``.
+``no_sync``. Losses stay on the device: nothing in a step waits for the device to finish.
 """
 
 from __future__ import annotations
@@ -19,25 +19,22 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.plan import split_micro
+from .. import amp
+from ..data.plan import Progress, StepInfo, StepSchedule, split_micro
 from ..dist import DistInfo
-from .hook import Hook
-from .progress import Progress, StepInfo, StepSchedule
+from ..state import TrainingParts, build_state
+from .hook import EvalRecord, Hook, StepRecord
 
 log = logging.getLogger(__name__)
 
 
 class Runner:
-    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
-                 schedule: StepSchedule, batches: Iterable[tuple[list, list]], hooks: list[Hook],
-                 dist_info: DistInfo, progress: Progress, max_steps: int, micro_batch_size: int,
-                 amp_dtype: torch.dtype | None, meta: dict[str, Any] | None = None) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.meta = meta or {}  # saved with every checkpoint: config text, environment
-        self.scaler = scaler
+    def __init__(self, *, parts: TrainingParts, model: nn.Module, schedule: StepSchedule,
+                 batches: Iterable[tuple[list, list]], hooks: list[Hook], dist_info: DistInfo,
+                 progress: Progress, max_steps: int, micro_batch_size: int, amp_mode: str,
+                 clip_grad_norm: float, meta: dict[str, Any] | None = None) -> None:
+        self.parts = parts  # model (unwrapped), optimizer, scheduler, scaler
+        self.model = model  # what the step calls: the DDP wrapper when distributed
         self.schedule = schedule
         self.batches = batches
         self.hooks = hooks
@@ -46,43 +43,78 @@ class Runner:
         self.start_step = progress.global_step
         self.max_steps = max_steps
         self.micro_batch_size = micro_batch_size
-        self.amp_dtype = amp_dtype
-        self.step: StepInfo | None = None
-        self.step_outputs: dict[str, Any] = {}
-        self.data_time = 0.0
-        self.stop_reason: str | None = None  # set by a hook to end the run after this step
-        self.latest_metrics: dict[str, float] = {}  # the last evaluation's results (rank 0)
+        self.amp_mode = amp_mode
+        self.clip_grad_norm = clip_grad_norm
+        self.meta = meta or {}  # saved with every checkpoint: config text (redacted), environment
+        self.step: StepInfo | None = None  # the step being run
+        self.last_step: StepRecord | None = None
+        self.last_eval: EvalRecord | None = None
+        self.stop_reason: str | None = None
 
     @property
     def unwrapped_model(self) -> nn.Module:
-        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        return self.parts.model
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step (hooks still get ``after_step`` and ``after_run``)."""
+        self.stop_reason = reason
+
+    def record_eval(self, metrics: dict[str, float]) -> None:
+        """Called by the hook that evaluates: sets ``last_eval`` and tells every hook."""
+        self.last_eval = EvalRecord(self.progress.global_step, dict(metrics))
+        self._call("after_eval")
 
     def train(self) -> None:
-        self._call("before_run")
-        batches = iter(self.batches)
-        while self.progress.global_step < self.max_steps and self.stop_reason is None:
-            self.step = self.schedule.at(self.progress.global_step)
-            if self.step.step_in_epoch == 0 or self.progress.global_step == self.start_step:
-                self._call("before_epoch")
-            start = time.perf_counter()
-            images, targets = next(batches)
-            self.data_time = time.perf_counter() - start
-            self._call("before_step")
-            self.step_outputs = self.run_step(images, targets, len(self.step.indices))
-            self.progress = self.step.next_progress(self.progress.seed)
-            self._call("after_step")
-            if self.progress.global_step == self.max_steps or self._epoch_ends():
-                self._call("after_epoch")
-        self._call("after_run")
+        try:
+            self._call("before_run")
+            batches = iter(self.batches)
+            while self.progress.global_step < self.max_steps and self.stop_reason is None:
+                self.step = self.schedule.at(self.progress.global_step)
+                if self.step.step_in_epoch == 0 or self.progress.global_step == self.start_step:
+                    self._call("before_epoch")
+                start = time.perf_counter()
+                images, targets = next(batches)
+                data_time = time.perf_counter() - start
+                self._call("before_step")
+                self.last_step = self.run_step(images, targets, data_time, start)
+                self.progress = self.step.next_progress(self.progress.seed)
+                self._call("after_step")
+                # from the sample cursor, not step_in_epoch: after a scale_lr resume at another world size
+                # the epoch's remaining steps have another batch size than its first ones
+                if self.progress.global_step == self.max_steps or self.schedule.epoch_done(self.progress):
+                    self._call("after_epoch")
+            self._call("after_run")
+        finally:
+            for hook in self.hooks:
+                hook.close()
 
-    def _epoch_ends(self) -> bool:
-        # From the sample cursor, not step_in_epoch: after a scale_lr resume at another world size the
-        # epoch's remaining steps have another batch size than its first ones, so step counts don't add up.
-        return self.schedule.epoch_done(self.progress)
+    def run_step(self, images: list[torch.Tensor], targets: list[dict], data_time: float,
+                 start: float) -> StepRecord:
+        """Forward and backward over this rank's share, then clip, optimizer (and scaler) step, LR step."""
+        step = self.step
+        loss_sums = self._forward_backward(images, targets, len(step.indices))
+        optimizer, scaler = self.parts.optimizer, self.parts.scaler
+        grad_norm = None
+        if self.clip_grad_norm > 0:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm).detach()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]
+        self.parts.scheduler.step()
+        return StepRecord(index=step.global_step, epoch=step.epoch, indices=step.indices, loss_sums=loss_sums,
+                          num_samples=len(images), lr=lr, grad_norm=grad_norm, data_time=data_time,
+                          step_time=time.perf_counter() - start)
 
-    def run_step(self, images: list[torch.Tensor], targets: list[dict], global_batch_size: int) -> dict[str, Any]:
-        """Forward and backward over this rank's share; the optimizer steps in ``OptimizerHook``."""
+    def _forward_backward(self, images: list[torch.Tensor], targets: list[dict],
+                          global_batch_size: int) -> dict[str, torch.Tensor]:
         device = self.dist.device
+        scaler = self.parts.scaler
         chunks = split_micro(list(range(len(images))), self.micro_batch_size)
         sums: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(chunks):
@@ -93,20 +125,18 @@ class Runner:
             no_sync = self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last \
                 else contextlib.nullcontext()
             with no_sync:
-                with self._autocast():
+                with amp.autocast(self.amp_mode, device):
                     losses = name_losses(self.model(imgs, tgts))
                 total = sum(v for k, v in losses.items() if "loss" in k)
-                weight = len(chunk) * self.dist.world_size / global_batch_size
-                scaled = total * weight
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                scaled = total * (len(chunk) * self.dist.world_size / global_batch_size)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * len(chunk)
-        return {"loss_sums": {k: float(v) for k, v in sums.items()}, "num_samples": len(images)}
+        return sums
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state at the current progress (see ``elastic_det.state``)."""
+        return build_state(self.parts, self.progress, self.hook_states(), self.meta)
 
     def _call(self, event: str) -> None:
         for hook in self.hooks:

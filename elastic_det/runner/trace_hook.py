@@ -34,8 +34,8 @@ class TraceHook(Hook):
         self.image_ids = image_ids
 
     def after_step(self, runner: Runner) -> None:
-        step = runner.step
+        step = runner.last_step
         world = runner.dist.world_size
         ids = [[self.image_ids[i] for i in split_share(step.indices, r, world)] for r in range(world)]
-        line = {"step": step.global_step, "epoch": step.epoch, "world_size": world, "ids": ids}
+        line = {"step": step.index, "epoch": step.epoch, "world_size": world, "ids": ids}
         self.files.append_line(self.relpath, json.dumps(line))

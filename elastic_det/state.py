@@ -1,0 +1,133 @@
+"""The training state: what a checkpoint holds, how it is built from the parts and restored into them.
+
+One module for both directions, shared by the trainer (save, resume), ``model.load_from`` and
+``elastic_det.test`` (weights only). The state holds tensors and plain data only, so it loads with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from . import dist
+from .checkpoint.store import Checkpoint, CheckpointStore
+from .data.plan import Progress
+from .errors import CheckpointError, UserError
+from .models.weights import load_model_state
+from .runner.optim import restore_scheduler
+from .storage import WorkDir
+
+log = logging.getLogger(__name__)
+
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "progress")
+
+
+@dataclass
+class TrainingParts:
+    """Everything a training checkpoint restores into (the model not yet wrapped in DDP)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+
+
+def build_state(parts: TrainingParts, progress: Progress, hook_states: dict[str, dict],
+                meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything a resume needs, as tensors and plain data."""
+    return {
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else {},
+        "progress": progress.state_dict(),
+        "hooks": hook_states,
+        "meta": meta,
+    }
+
+
+def restore(checkpoint: Checkpoint, parts: TrainingParts, base_lr: float, seed: int,
+            optimizer_type: str) -> tuple[Progress, dict[str, dict]]:
+    """Load ``checkpoint`` into ``parts``; returns the progress cursor and the hooks' states.
+
+    ``base_lr`` is this run's learning rate (it may scale with the world size); a changed ``seed`` is
+    taken with a warning (the data order changes from the resumed step on).
+    """
+    state = checkpoint.state
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"Checkpoint {checkpoint.location} lacks {', '.join(missing)}: it is not a "
+                              "training checkpoint (use model.load_from for weights only).")
+    load_model_state(parts.model, state["model"], checkpoint.location)
+    try:
+        parts.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"Checkpoint {checkpoint.location}: optimizer state does not fit "
+                              f"optimizer.type={optimizer_type}: {e}") from None
+    restore_scheduler(parts.scheduler, state["scheduler"], base_lr)
+    if parts.scaler is not None and state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
+    progress = Progress.from_state_dict(state["progress"])
+    if progress.seed != seed:
+        log.warning("seed %d differs from the checkpoint's %d: the data order changes from here on",
+                    seed, progress.seed)
+        progress.seed = seed
+    log.info("Resumed from %s at global step %d", checkpoint.location, progress.global_step)
+    return progress, state.get("hooks", {})
+
+
+def saved_config(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The config the checkpoint was trained with, as plain data ({} for a checkpoint without one)."""
+    text = checkpoint.state.get("meta", {}).get("config", "")
+    return OmegaConf.to_container(OmegaConf.create(text)) if text else {}
+
+
+def load_checkpoint(path: str, storage_options: dict) -> Checkpoint:
+    """A checkpoint given by path: a work dir (its newest), a step directory, a manifest or a bare file."""
+    parent = path if not path.endswith((".pt", ".pth", ".json")) else os.path.dirname(path) or "."
+    return CheckpointStore(WorkDir(parent, storage_options)).load(path)
+
+
+def load_weights(model: nn.Module, path: str, storage_options: dict) -> Checkpoint:
+    """Load only the model weights of a checkpoint or an export (``model.load_from``, evaluation)."""
+    checkpoint = load_checkpoint(path, storage_options)
+    state = checkpoint.state
+    weights = state.get("model", state if all(torch.is_tensor(v) for v in state.values()) else None)
+    if not weights:
+        raise CheckpointError(f"Checkpoint {checkpoint.location} has no 'model' weights (keys: "
+                              f"{', '.join(sorted(state)) or 'none'}).")
+    load_model_state(model, weights, checkpoint.location)
+    return checkpoint
+
+
+def find_checkpoint(store: CheckpointStore, resume: str) -> Checkpoint | None:
+    """The checkpoint to resume from (``--resume auto|none|PATH``), the same on every rank.
+
+    Rank 0 decides (falling back past broken ones); the others load that one. An error on rank 0 reaches
+    every rank as the same error, so each ends with the same one-paragraph message.
+    """
+    if resume == "none":
+        return None
+    checkpoint = None
+    choice: tuple[str, str] | None = None
+    if dist.is_main():
+        try:
+            checkpoint = store.load_latest() if resume == "auto" else store.load(resume)
+            choice = ("ok", checkpoint.location) if checkpoint is not None else None
+        except UserError as e:
+            choice = ("error", str(e))
+            dist.broadcast_object(choice)
+            raise
+    choice = dist.broadcast_object(choice)
+    if choice is None:
+        return None
+    if choice[0] == "error":
+        raise CheckpointError(choice[1])
+    return checkpoint if dist.is_main() else store.load(choice[1])
