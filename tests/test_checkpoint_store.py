@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 
 import pytest
@@ -23,7 +26,7 @@ from elastic_det.checkpoint import (
     snapshot_to_cpu,
     step_dir,
 )
-from elastic_det.errors import CheckpointError, StorageError
+from elastic_det.errors import CheckpointError, StorageError, WorkDirOwnedError, exit_code_for
 from elastic_det.storage import WorkDir
 
 META = {"config_hash": "cfg123", "world_size": 2, "reason": "interval", "metrics": {}}
@@ -114,6 +117,7 @@ def test_round_trip(url):
     assert set(manifest.versions) == {"torch", "torchvision", "elastic_det", "python"}
     assert manifest.size == store.work_dir.size(data_rel(store, 10))
     assert store.committed_steps() == [10]
+    assert store.newest_committed_step() == 10
     on_disk = json.loads(store.work_dir.read_bytes("checkpoints/step-00000010/manifest.json"))
     assert on_disk["sha256"] == manifest.sha256 and on_disk["format_version"] == 1
 
@@ -125,6 +129,8 @@ def test_truncated_newest_falls_back(url):
     store.save(20, make_state(20), META)
     rel = data_rel(store, 20)
     store.work_dir.write_bytes_atomic(rel, store.work_dir.read_bytes(rel)[:-100])
+    assert CheckpointStore(WorkDir(url)).committed_steps() == [10]  # listed without loading: sizes checked
+    assert CheckpointStore(WorkDir(url)).newest_committed_step() == 10
     checkpoint = store.load_latest()
     assert checkpoint.manifest.step == 10
     assert_same(make_state(10), checkpoint.state)
@@ -181,10 +187,76 @@ def test_loading_never_executes_code(url, tmp_path):
     store.save(10, make_state(10), META)
     write_raw_checkpoint(store.work_dir, 20, {"model": OpensAFile(str(marker))})
     assert store.load_latest().manifest.step == 10
-    assert "weights_only" in events.events[0]["reason"]
-    with pytest.raises(CheckpointError, match="weights_only"):
+    assert "pickled object of type io.open" in events.events[0]["reason"]
+    with pytest.raises(CheckpointError, match="io.open"):
         store.load(store.work_dir.path(step_dir(20)))
     assert not marker.exists()
+
+
+class RunsACommand:
+    """A classic malicious pickle: unpickling it would run a shell command that creates a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def assert_clean_refusal(message: str) -> None:
+    """One paragraph that never advises running untrusted code and carries no terminal escape codes."""
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert "\x1b" not in message and "\n" not in message
+    assert "Weights only load failed" not in message  # not torch's first line either
+
+
+@pytest.mark.parametrize("form", ["torch.save", "plain pickle"])
+def test_malicious_pickle_is_refused_with_a_clear_message(url, tmp_path, form):
+    marker = tmp_path / "pwned"
+    store = CheckpointStore(WorkDir(url))
+    payload = {"model": RunsACommand(str(marker))}
+    if form == "torch.save":
+        store.work_dir.write_atomic("evil.pt", lambda f: torch.save(payload, f))
+    else:
+        store.work_dir.write_bytes_atomic("evil.pt", pickle.dumps(payload, protocol=2))
+    with pytest.raises(CheckpointError) as info:
+        store.load(store.work_dir.path("evil.pt"))
+    message = str(info.value)
+    assert store.work_dir.path("evil.pt") in message
+    assert f"contains a pickled object of type {os.system.__module__}.system, which a checkpoint never " \
+           "holds" in message
+    assert_clean_refusal(message)
+    assert exit_code_for(info.value) == 2
+    assert not marker.exists()
+
+
+def test_random_and_foreign_files_are_refused_with_a_clear_message(url):
+    store = CheckpointStore(WorkDir(url))
+    wd = store.work_dir
+    wd.write_bytes_atomic("random.pt", bytes(i % 256 for i in range(7, 1031)))
+    wd.write_bytes_atomic("text.pt", b"hello, not a checkpoint\n")
+    wd.write_bytes_atomic("empty.pt", b"")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("readme.txt", "a zip, but no torch file")
+    wd.write_bytes_atomic("archive.pt", archive.getvalue())
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(1000)}, buffer)
+    wd.write_bytes_atomic("cut.pt", buffer.getvalue()[:2000])
+    expected = {
+        "random.pt": "is not a PyTorch checkpoint (first bytes: 07 08 09 0a",
+        "text.pt": "is not a PyTorch checkpoint (first bytes: 'hello, not a che')",
+        "empty.pt": "is empty, not a PyTorch checkpoint",
+        "archive.pt": "is a zip archive but not a PyTorch checkpoint",
+        "cut.pt": "is a damaged PyTorch checkpoint",
+    }
+    for name, text in expected.items():
+        with pytest.raises(CheckpointError) as info:
+            store.load(wd.path(name))
+        message = str(info.value)
+        assert text in message, (name, message)
+        assert wd.path(name) in message
+        assert_clean_refusal(message)
 
 
 def test_load_explicit_forms(url):
@@ -253,7 +325,7 @@ def test_stale_writer_is_refused(url):
     old = CheckpointStore(WorkDir(url))
     with pytest.raises(StaleCheckpointError, match="step 20 is already committed") as info:
         old.save(10, make_state(10), META)
-    assert isinstance(info.value, StorageError)
+    assert isinstance(info.value, WorkDirOwnedError) and exit_code_for(info.value) == 3  # final: stop now
     assert old.committed_steps() == [20]
     assert [p for p in old.work_dir.find("checkpoints") if "step-00000010" in p] == []
 

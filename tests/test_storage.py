@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -10,8 +11,8 @@ import uuid
 import pytest
 from s3 import free_port
 
-from elastic_det.errors import StorageError
-from elastic_det.storage import WorkDir, is_network_fs, is_shared_path, mount_fs_type
+from elastic_det.errors import StorageError, StorageUnavailableError, exit_code_for
+from elastic_det.storage import WorkDir, is_final, is_network_fs, is_shared_path, mount_fs_type, s3_options
 
 SMALL_BLOCK = {"default_block_size": 5 * 2**20}  # s3fs minimum: makes a 12 MB write a multipart upload
 
@@ -122,6 +123,7 @@ def test_check_writable_missing_bucket(s3_bucket):
     with pytest.raises(StorageError, match="no such bucket") as info:
         WorkDir(url).check_writable()
     assert url in str(info.value)
+    assert exit_code_for(info.value) == 2  # final: relaunching cannot create the bucket
     assert time.monotonic() - start < 10
 
 
@@ -129,9 +131,10 @@ def test_check_writable_dead_endpoint(s3_bucket):
     endpoint = f"http://127.0.0.1:{free_port()}"
     url = s3_bucket + "/run"
     start = time.monotonic()
-    with pytest.raises(StorageError, match="connection refused") as info:
+    with pytest.raises(StorageUnavailableError, match="connection refused") as info:
         WorkDir(url, {"endpoint_url": endpoint}).check_writable()
     assert url in str(info.value) and endpoint in str(info.value)
+    assert exit_code_for(info.value) == 75  # an endpoint that is down: retryable
     assert time.monotonic() - start < 10
 
 
@@ -140,8 +143,10 @@ def test_check_writable_no_credentials(s3_bucket, monkeypatch, tmp_path):
         monkeypatch.delenv(var)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    with pytest.raises(StorageError, match="no AWS credentials"):
+    with pytest.raises(StorageError, match="no AWS credentials") as info:
         WorkDir(s3_bucket + "/run").check_writable()
+    assert exit_code_for(info.value) == 2
+    assert "storage_options" not in str(info.value)  # credentials belong in the environment, not the config
 
 
 def test_check_writable_local_parent_is_a_file(tmp_path):
@@ -155,9 +160,62 @@ def test_check_writable_local_parent_is_a_file(tmp_path):
 def test_local_write_under_a_file_fails_cleanly(tmp_path):
     (tmp_path / "blocker").write_text("x")
     wd = WorkDir(str(tmp_path))
-    with pytest.raises(StorageError, match="blocker"):
+    with pytest.raises(StorageError, match="blocker") as info:
         wd.write_bytes_atomic("blocker/data.bin", b"data")
+    assert exit_code_for(info.value) == 2  # a path under a file never works
     assert wd.listdir("") == ["blocker"]
+
+
+@pytest.mark.parametrize("error, final", [
+    (FileNotFoundError(errno.ENOENT, "NoSuchBucket"), True),
+    (PermissionError(errno.EACCES, "AccessDenied"), True),
+    (OSError(errno.EROFS, "read-only file system"), True),
+    (OSError(errno.EINVAL, "InvalidBucketName"), True),
+    (OSError(errno.ENOSPC, "No space left on device"), False),
+    (OSError(errno.EBUSY, "SlowDown"), False),  # s3fs's translation of 503
+    (OSError(errno.EIO, "InternalError"), False),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), False),
+    (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
+    (TimeoutError("read timeout"), False),
+])
+def test_error_classification(error, final):
+    assert is_final(error) is final
+
+
+def test_error_classification_botocore():
+    from botocore.exceptions import ConnectTimeoutError, NoCredentialsError, ReadTimeoutError
+
+    assert is_final(NoCredentialsError())
+    assert not is_final(ReadTimeoutError(endpoint_url="http://x"))
+    assert not is_final(ConnectTimeoutError(endpoint_url="http://x"))
+
+
+def test_full_disk_is_retryable(tmp_path, monkeypatch):
+    wd = WorkDir(str(tmp_path))
+
+    def no_space(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(StorageUnavailableError, match="No space left") as info:
+        wd.write_atomic("data.bin", lambda f: no_space(f))
+    assert exit_code_for(info.value) == 75
+    assert wd.listdir("") == []
+
+
+def test_s3_requests_are_bounded_in_time(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    options = s3_options({}, timeout=7)
+    assert options["config_kwargs"]["read_timeout"] == 7
+    assert options["config_kwargs"]["connect_timeout"] == 7
+    assert options["config_kwargs"]["retries"]["max_attempts"] == 2
+    assert s3_options({}, timeout=60)["config_kwargs"]["connect_timeout"] == 10
+    mine = s3_options({"config_kwargs": {"read_timeout": 300}}, timeout=7)
+    assert mine["config_kwargs"]["read_timeout"] == 300  # the user's settings win
+
+
+def test_invalid_url_is_final():
+    with pytest.raises(StorageError, match="not a valid location"):
+        WorkDir("nosuchprotocol-xyz://bucket/run")
 
 
 def test_endpoint_from_environment(s3_bucket, s3_server):

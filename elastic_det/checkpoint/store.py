@@ -25,8 +25,8 @@ from typing import Any
 import fsspec
 import torch
 
-from ..errors import CheckpointError, StorageError, WorkDirOwnedError
-from ..storage import WorkDir, describe_error
+from ..errors import CheckpointError, StorageError, StorageUnavailableError, WorkDirOwnedError
+from ..storage import STORAGE_FAILURES, WorkDir, describe_error
 from .manifest import Manifest, versions
 from .retention import steps_to_keep
 from .verify import InvalidCheckpoint, read_unverified, read_verified
@@ -82,8 +82,9 @@ class CheckpointStore:
         """Write ``state`` for global step ``step`` and commit it; then apply retention.
 
         ``meta`` may carry ``config_hash``, ``world_size``, ``reason`` and ``metrics``. Raises
-        :class:`StaleCheckpointError` when a newer checkpoint is committed, :class:`StorageError` when the
-        store fails; nothing is committed then and older checkpoints are untouched.
+        :class:`StaleCheckpointError` (exit 3: stop now) when a newer checkpoint is committed,
+        :class:`StorageError` (final) or :class:`StorageUnavailableError` (retryable) when the store fails;
+        nothing is committed then and older checkpoints are untouched.
         """
         unknown = set(meta) - _META_KEYS
         if unknown:
@@ -96,6 +97,7 @@ class CheckpointStore:
                 # found broken at resume (e.g. a checksum mismatch): its manifest was never a valid commit
                 log.warning("Replacing broken checkpoint step %d in %s", step, self.work_dir.path(rel))
                 self.work_dir.delete(f"{rel}/{MANIFEST}")
+                self._manifests.pop(step, None)
                 scan[step].discard(MANIFEST)
             if MANIFEST in scan.get(step, ()):
                 existing = self._valid_manifest(step)
@@ -119,7 +121,7 @@ class CheckpointStore:
                 raise
             try:
                 committed = self._commit(manifest)
-            except BaseException:
+            except STORAGE_FAILURES:
                 # The manifest may have landed before the error (e.g. a lost response): then it is
                 # committed. Otherwise the data stays as debris for retention: deleting it could
                 # orphan a manifest that does exist.
@@ -133,7 +135,7 @@ class CheckpointStore:
             self._rejected.pop(step, None)
             try:
                 self._apply_retention(step)
-            except Exception as e:  # the checkpoint is committed; leftovers are removed by a later save
+            except STORAGE_FAILURES as e:  # the checkpoint is committed; a later save removes leftovers
                 log.warning("Checkpoint retention after step %d failed in %s: %s", step, self.work_dir.url,
                             describe_error(e))
             return manifest
@@ -153,8 +155,8 @@ class CheckpointStore:
             log.warning("Replacing the invalid manifest of step %d in %s (it was never a valid commit)",
                         manifest.step, self.work_dir.url)
             self.work_dir.delete(rel)
-        raise StorageError(f"Cannot commit checkpoint step {manifest.step} in {self.work_dir.url}: its "
-                           f"manifest keeps being replaced by another writer")
+        raise StorageUnavailableError(f"Cannot commit checkpoint step {manifest.step} in {self.work_dir.url}: "
+                                      f"its manifest keeps being replaced by another writer")
 
     def _refuse_if_stale(self, step: int, scan: dict[int, set[str]]) -> None:
         for other in sorted(scan, reverse=True):
@@ -206,14 +208,33 @@ class CheckpointStore:
         return self.work_dir.path(step_dir(step))
 
     def committed_steps(self) -> list[int]:
-        """Steps that have a manifest, ascending (not verified)."""
+        """Committed steps, ascending, without loading any state.
+
+        A step counts when its manifest parses and names a data object that exists with the recorded
+        size (what a commit guarantees; the sha256 is checked only when a checkpoint is loaded). One
+        listing plus one small read per step not seen before by this store.
+        """
+        return [step for step, names in sorted(self._scan().items())
+                if MANIFEST in names and step not in self._rejected and self._valid_manifest(step) is not None]
+
+    def newest_committed_step(self) -> int | None:
+        """The newest committed step (see :meth:`committed_steps`); None when nothing is committed."""
+        for step, names in sorted(self._scan().items(), reverse=True):
+            if MANIFEST in names and step not in self._rejected and self._valid_manifest(step) is not None:
+                return step
+        return None
+
+    def _manifest_steps(self) -> list[int]:
+        """Steps that have a manifest file, ascending (nothing verified)."""
         return sorted(step for step, names in self._scan().items() if MANIFEST in names)
 
     def load_latest(self, map_location: Any = "cpu") -> Checkpoint | None:
         """The newest checkpoint that verifies; None when nothing usable is committed.
 
         Each newer step directory that does not verify (no manifest, unparseable manifest, size or sha256
-        mismatch, load error) is reported through ``on_event`` as a ``fallback`` event and skipped.
+        mismatch, load error) is reported through ``on_event`` as a ``fallback`` event and skipped. A store
+        that fails for now raises :class:`StorageUnavailableError` instead: a checkpoint that could not be
+        read is never taken for a broken one.
         """
         for step in sorted(self._scan(), reverse=True):
             rel = step_dir(step)
@@ -223,6 +244,7 @@ class CheckpointStore:
                 reason = str(e)
                 location = self.location(step)
                 self._rejected[step] = reason
+                self._manifests.pop(step, None)
                 log.warning("Skipping checkpoint %s: %s", location, reason)
                 self.on_event({"event": "fallback", "checkpoint": location, "reason": reason, "step": step})
         return None
@@ -248,7 +270,7 @@ class CheckpointStore:
             wd = self._open(target)
             if wd.exists(MANIFEST):
                 return self._load_explicit_step(wd, target, map_location)
-            steps = CheckpointStore(wd).committed_steps()
+            steps = CheckpointStore(wd)._manifest_steps()
             if steps:
                 return self._load_explicit_step(wd, wd.path(step_dir(steps[-1])), map_location,
                                                 rel=step_dir(steps[-1]))
@@ -344,6 +366,10 @@ class CheckpointStore:
         return steps
 
     def _parse_manifest(self, step: int) -> Manifest | None:
+        """The manifest of ``step``; None when missing or invalid. A store failing for now raises."""
+        cached = self._manifests.get(step)
+        if cached is not None:
+            return cached
         try:
             manifest = Manifest.from_json(self.work_dir.read_bytes(f"{step_dir(step)}/{MANIFEST}"))
         except (FileNotFoundError, ValueError, StorageError):
@@ -351,22 +377,33 @@ class CheckpointStore:
         return manifest if manifest.step == step else None
 
     def _valid_manifest(self, step: int) -> Manifest | None:
-        """The manifest of ``step`` when it parses and its data object exists with the recorded size."""
+        """The manifest of ``step`` when it parses and its data object exists with the recorded size.
+
+        A valid one is remembered (a committed manifest never changes). A store that fails for now
+        raises :class:`StorageUnavailableError`: a stale-writer check must not pass because a read failed.
+        """
         manifest = self._parse_manifest(step)
         if manifest is None:
             return None
+        if step in self._manifests:
+            return manifest
         try:
             size = self.work_dir.size(f"{step_dir(step)}/{manifest.data}")
         except (FileNotFoundError, StorageError):
             return None
-        return manifest if size == manifest.size else None
+        if size != manifest.size:
+            return None
+        self._manifests[step] = manifest
+        return manifest
 
     def _names(self, step: int, data_name: str) -> bool:
-        """Whether the stored manifest of ``step`` names ``data_name``."""
+        """Whether the stored manifest of ``step`` names ``data_name`` (False when it cannot be read)."""
+        self._manifests.pop(step, None)
         try:
-            return self._parse_manifest(step).data == data_name
-        except Exception:
+            manifest = self._parse_manifest(step)
+        except StorageUnavailableError:
             return False
+        return manifest is not None and manifest.data == data_name
 
     @staticmethod
     def _manifest_in(wd: WorkDir) -> Manifest | None:

@@ -1,18 +1,31 @@
-"""Reading a checkpoint's data: size and sha256 against its manifest, then ``torch.load(weights_only=True)``."""
+"""Reading a checkpoint's data: size and sha256 against its manifest, then ``torch.load(weights_only=True)``.
+
+A file that ``weights_only`` loading refuses gets a message that says what was found (a pickled object of
+some type, a file that is not a PyTorch checkpoint, a damaged archive), free of torch's own advice: loading
+an untrusted checkpoint with ``weights_only=False`` would run whatever it holds.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import re
 from typing import Any
 
 import torch
 
-from ..errors import StorageError
+from ..errors import StorageError, StorageUnavailableError
 from ..storage import WorkDir, describe_error
 from .manifest import Manifest
 
 _READ_CHUNK = 8 << 20
+_HEAD = 16
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save before 1.6: pickled magic number
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", re.S)
+_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class InvalidCheckpoint(Exception):
@@ -20,7 +33,11 @@ class InvalidCheckpoint(Exception):
 
 
 def read_verified(wd: WorkDir, relpath: str, manifest: Manifest, map_location: Any) -> Any:
-    """Verify size and sha256 of the data object against the manifest, then load it weights-only."""
+    """Verify size and sha256 of the data object against the manifest, then load it weights-only.
+
+    :class:`InvalidCheckpoint` when the object is missing, truncated, corrupted or refused;
+    :class:`StorageUnavailableError` when the store fails for now (the checkpoint may be fine).
+    """
     try:
         size = wd.size(relpath)
     except FileNotFoundError:
@@ -29,44 +46,89 @@ def read_verified(wd: WorkDir, relpath: str, manifest: Manifest, map_location: A
         raise InvalidCheckpoint(str(e)) from None
     if size != manifest.size:
         raise InvalidCheckpoint(f"data object {manifest.data} has {size} bytes but the manifest records "
-                       f"{manifest.size} (truncated or replaced)")
-    state, sha256 = read_unverified(wd, relpath, map_location)
+                                f"{manifest.size} (truncated or replaced)")
+    state, sha256 = read_unverified(wd, relpath, map_location, expected_size=size)
     if sha256 != manifest.sha256:
-        raise InvalidCheckpoint(f"data object {manifest.data} has sha256 {sha256[:16]}... but the manifest records "
-                       f"{manifest.sha256[:16]}... (corrupted)")
+        raise InvalidCheckpoint(f"data object {manifest.data} has sha256 {sha256[:16]}... but the manifest "
+                                f"records {manifest.sha256[:16]}... (corrupted)")
     return state
 
 
-def read_unverified(wd: WorkDir, relpath: str, map_location: Any) -> tuple[Any, str]:
+def read_unverified(wd: WorkDir, relpath: str, map_location: Any,
+                    expected_size: int | None = None) -> tuple[Any, str]:
     """``(torch.load(weights_only=True) of relpath, its sha256)``; loading never executes code.
 
     Locally the file is hashed by streaming and loaded from its path; remote objects are read once into
     memory. The object is hashed before it is unpickled, and the state is only returned when the caller
-    has compared that hash.
+    has compared that hash. A remote read that returns fewer bytes than ``expected_size`` is a failing
+    store (:class:`StorageUnavailableError`), not a broken checkpoint.
     """
     try:
         if wd.is_local:
             source: Any = wd.path(relpath)
-            sha256 = sha256_file(source)
+            sha256, head = sha256_file(source)
         else:
             blob = wd.read_bytes(relpath)
-            sha256 = hashlib.sha256(blob).hexdigest()
+            if expected_size is not None and len(blob) != expected_size:
+                raise StorageUnavailableError(f"Cannot read {wd.path(relpath)}: the store returned {len(blob)} "
+                                              f"of its {expected_size} bytes (retryable)")
+            sha256, head = hashlib.sha256(blob).hexdigest(), blob[:_HEAD]
             source = io.BytesIO(blob)
     except (OSError, StorageError) as e:
         raise InvalidCheckpoint(f"cannot read {relpath}: {describe_error(e)}") from None
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError for disallowed globals, RuntimeError for a bad zip, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InvalidCheckpoint(f"torch.load(weights_only=True) failed: {type(e).__name__}: {first}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+            IndexError, UnicodeDecodeError, OSError) as e:  # what torch.load raises for bad content
+        raise InvalidCheckpoint(describe_refusal(e, head)) from None
     return state, sha256
 
 
-def sha256_file(path: str) -> str:
+def describe_refusal(error: BaseException, head: bytes) -> str:
+    """What a file refused by ``torch.load(weights_only=True)`` holds, in one sentence without torch's
+    advice (no escape codes, never the suggestion to load it with ``weights_only=False``)."""
+    text = str(error)
+    found = _GLOBAL.search(text)
+    if found:
+        return (f"it contains a pickled object of type {found.group(1)}, which a checkpoint never holds (only "
+                f"tensors and plain data); it was refused, and nothing in it ran")
+    if not head:
+        return "it is empty, not a PyTorch checkpoint"
+    if not head.startswith((_ZIP_MAGIC, _LEGACY_MAGIC)):
+        return f"it is not a PyTorch checkpoint (first bytes: {_show(head)})"
+    if head.startswith(_ZIP_MAGIC) and ("data.pkl" in text or "not in a subdirectory" in text):
+        return "it is a zip archive but not a PyTorch checkpoint (no pickled state in it)"
+    if "central directory" in text or isinstance(error, EOFError):
+        return "it is a damaged PyTorch checkpoint (its zip archive is truncated or overwritten)"
+    reason = _UNPICKLER_REASON.search(text)
+    detail = _clean(reason.group(1) if reason else text.strip().splitlines()[0] if text.strip() else "")
+    return f"it holds content that a checkpoint never holds ({type(error).__name__}{': ' + detail if detail else ''})"
+
+
+def _show(head: bytes) -> str:
+    printable = head.decode("ascii", "replace")
+    if all(32 <= b < 127 for b in head):
+        return repr(printable)
+    return " ".join(f"{b:02x}" for b in head)
+
+
+def _clean(text: str) -> str:
+    """One line of printable text with no escape codes and no advice about ``weights_only``."""
+    text = _ESCAPE.sub("", text)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if "weights_only" not in s]
+    return " ".join(sentences)[:200]
+
+
+def sha256_file(path: str) -> tuple[str, bytes]:
+    """``(sha256 hex, first bytes)`` of a local file, streamed."""
     sha = hashlib.sha256()
     buffer = bytearray(_READ_CHUNK)
     view = memoryview(buffer)
+    head = b""
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
+            if not head:
+                head = bytes(view[:_HEAD])[:n]
             sha.update(view[:n])
-    return sha.hexdigest()
+    return sha.hexdigest(), head

@@ -2,7 +2,7 @@
 
 from .hashing import HashingWriter
 from .mounts import is_network_fs, is_shared_path, mount_fs_type
-from .workdir import WorkDir, describe_error, s3_options
+from .workdir import DEFAULT_TIMEOUT, STORAGE_FAILURES, WorkDir, describe_error, is_final, s3_options, storage_error
 
-__all__ = ["HashingWriter", "WorkDir", "describe_error", "is_network_fs", "is_shared_path", "mount_fs_type",
-           "s3_options"]
+__all__ = ["DEFAULT_TIMEOUT", "STORAGE_FAILURES", "HashingWriter", "WorkDir", "describe_error", "is_final",
+           "is_network_fs", "is_shared_path", "mount_fs_type", "s3_options", "storage_error"]

@@ -11,8 +11,16 @@ Everything goes through fsspec. The commit primitives differ per backend because
   creation uses ``If-None-Match: *`` (s3fs mode ``"xb"``). s3fs caches listings; every query here refreshes.
 
 S3 endpoint and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...) or from ``storage_options`` (``endpoint_url``, ``key``,
-``secret``, ``client_kwargs``, ...), which win.
+``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, a workload identity, ...) or from ``storage_options``
+(``endpoint_url``, ``client_kwargs``, ...), which win.
+
+Every S3 request is bounded in time (``timeout``: connect and read timeouts, few retries; see
+:func:`s3_options`), so a store that stops answering turns into a failed operation, not a hang.
+
+Failures are classified (:func:`storage_error`): a location that can never work (no such bucket, access
+denied, no credentials, an invalid URL, a path under a file) is a :class:`StorageError` (final, exit 2);
+everything else (timeouts, refused or reset connections, 5xx/SlowDown, a full disk) is a
+:class:`StorageUnavailableError` (retryable, exit 75).
 """
 
 from __future__ import annotations
@@ -26,16 +34,41 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-from ..errors import StorageError
+from ..errors import StorageError, StorageUnavailableError
 from .hashing import HashingWriter
 from .local import create_without_link, fsync_dir, makedirs_durable, unlink_quietly
 
-try:  # botocore is present with s3fs; its connection/credential errors are not OSErrors
-    from botocore.exceptions import BotoCoreError
+try:  # botocore and aiohttp come with s3fs; their connection/credential errors are not OSErrors
+    from aiohttp import ClientError as AiohttpError
+    from botocore import exceptions as boto_errors
 except ImportError:  # pragma: no cover - s3fs is a hard dependency
-    BotoCoreError = OSError
+    AiohttpError = OSError
+    boto_errors = None
 
-_STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, BotoCoreError)
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    (OSError, AiohttpError) + ((boto_errors.BotoCoreError,) if boto_errors else ()))
+"""What the storage libraries raise when storage fails (as opposed to a bug in the caller)."""
+
+STORAGE_FAILURES = (StorageError, StorageUnavailableError)
+"""What :class:`WorkDir` raises when storage fails: final or retryable."""
+
+_FINAL_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                           errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP, errno.EEXIST})
+"""OS errors that no retry can fix: a missing bucket or directory, access denied, an invalid name."""
+
+_FINAL_BOTO = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+               "ParamValidationError", "NoRegionError", "InvalidRegionError", "ProfileNotFound",
+               "InvalidEndpointConfigurationError", "InvalidS3AddressingStyleError", "UnknownSignatureVersionError",
+               "InvalidConfigError", "UnknownEndpointError")
+"""botocore errors that mean "this configuration can never work" (the others are network trouble)."""
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds one S3 request may wait for the store (connect, or each read of its answer)."""
+
+S3_ATTEMPTS = 2
+"""Attempts per S3 request by botocore (standard mode: retries 5xx, SlowDown, timeouts, resets)..."""
+S3FS_ATTEMPTS = 2
+"""...and by s3fs around it (also retries a body cut mid-response): at most 4 tries in all."""
 
 _ENDPOINT_VARS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -48,8 +81,9 @@ class WorkDir:
     ``FileNotFoundError``.
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, timeout: float = DEFAULT_TIMEOUT):
         options = dict(storage_options or {})
+        self.timeout = timeout
         protocol, _ = fsspec.core.split_protocol(url)
         self.is_local = protocol in (None, "file", "local")
         if self.is_local:
@@ -58,9 +92,14 @@ class WorkDir:
             self._root = self.url
         else:
             if protocol in ("s3", "s3a"):
-                options = s3_options(options)
+                options = s3_options(options, timeout)
             self.url = url.rstrip("/")
-            self.fs, self._root = fsspec.core.url_to_fs(self.url, **options)
+            try:
+                self.fs, self._root = fsspec.core.url_to_fs(self.url, **options)
+            except (ValueError, TypeError, ImportError) as e:
+                raise StorageError(f"Work dir {url} is not a valid location: {describe_error(e)}") from e
+            if protocol in ("s3", "s3a"):
+                self.fs.retries = S3FS_ATTEMPTS
             self._root = self._root.rstrip("/")
         self.protocol = protocol or "file"
         self.storage_options = options
@@ -99,10 +138,10 @@ class WorkDir:
             if self.is_local:
                 return self._write_local(relpath, write_fn)
             return self._write_remote(relpath, write_fn)
-        except StorageError:
+        except STORAGE_FAILURES:
             raise
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot write {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot write {self.path(relpath)}", e) from e
 
     def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
         self.write_atomic(relpath, lambda f: f.write(data))
@@ -119,7 +158,7 @@ class WorkDir:
                 return self._create_local(relpath, data)
             return self._create_remote(relpath, data)
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot create {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot create {self.path(relpath)}", e) from e
 
     def _local_temp(self, relpath: str) -> tuple[str, str, str]:
         """``(final path, its directory, a hidden temp path beside it)``, the directory made durably."""
@@ -132,7 +171,7 @@ class WorkDir:
         final, parent, tmp = self._local_temp(relpath)
         try:
             with open(tmp, "xb") as raw:
-                writer = HashingWriter(raw)
+                writer = HashingWriter(raw, writeback_fd=raw.fileno())
                 try:
                     write_fn(writer)
                 finally:
@@ -141,7 +180,7 @@ class WorkDir:
                 os.fsync(raw.fileno())
             on_disk = os.stat(tmp).st_size
             if on_disk != writer.size:
-                raise StorageError(f"Wrote {writer.size} bytes to {final} but {on_disk} are on disk")
+                raise StorageUnavailableError(f"Wrote {writer.size} bytes to {final} but {on_disk} are on disk")
             os.replace(tmp, final)
         except BaseException:
             unlink_quietly(tmp)
@@ -165,8 +204,8 @@ class WorkDir:
         stored = self.fs.info(path)["size"]
         if stored != writer.size:
             self.delete(relpath)
-            raise StorageError(f"Wrote {writer.size} bytes to {self.path(relpath)} but the store holds "
-                               f"{stored}; the object was deleted")
+            raise StorageUnavailableError(f"Wrote {writer.size} bytes to {self.path(relpath)} but the store "
+                                          f"holds {stored}; the object was deleted")
         return writer.size, writer.hexdigest()
 
     def _create_local(self, relpath: str, data: bytes) -> bool:
@@ -216,7 +255,7 @@ class WorkDir:
         except IsADirectoryError as e:
             raise FileNotFoundError(f"{self.path(relpath)} is a directory") from e
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot read {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot read {self.path(relpath)}", e) from e
 
     def size(self, relpath: str) -> int:
         """Size in bytes of the file at ``relpath`` (FileNotFoundError when missing)."""
@@ -229,7 +268,7 @@ class WorkDir:
         except FileNotFoundError:
             raise
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot stat {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot stat {self.path(relpath)}", e) from e
         if info["type"] != "file":
             raise FileNotFoundError(f"{self.path(relpath)} is not a file")
         return info["size"]
@@ -242,7 +281,7 @@ class WorkDir:
         try:
             return self.fs.exists(path)
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot look up {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot look up {self.path(relpath)}", e) from e
 
     def listdir(self, relpath: str) -> list[str]:
         """Sorted names in the directory ``relpath``; [] when it does not exist."""
@@ -255,7 +294,7 @@ class WorkDir:
         except (FileNotFoundError, NotADirectoryError):
             return []
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot list {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot list {self.path(relpath)}", e) from e
         if [e.rstrip("/") for e in entries] == [path]:
             return []  # a file, not a directory
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
@@ -278,7 +317,7 @@ class WorkDir:
         except FileNotFoundError:
             return []
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot list {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot list {self.path(relpath)}", e) from e
         prefix = path + "/"
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
 
@@ -301,7 +340,7 @@ class WorkDir:
         except FileNotFoundError:
             pass
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Cannot delete {self.path(relpath)}: {describe_error(e)}") from e
+            raise storage_error(f"Cannot delete {self.path(relpath)}", e) from e
         finally:
             if not self.is_local:
                 self.fs.invalidate_cache(path)
@@ -310,10 +349,11 @@ class WorkDir:
     # Probing
 
     def check_writable(self) -> None:
-        """Create and delete a probe file; raise :class:`StorageError` naming the URL and the cause.
+        """Create and delete a probe file; raise naming the URL and the cause.
 
-        On object stores the probe uses short connect timeouts and a single attempt, so a dead endpoint
-        or a missing bucket is reported in about a second instead of after minutes of retries.
+        :class:`StorageError` (final) when the location can never work, :class:`StorageUnavailableError`
+        (retryable) when the store cannot be reached now. On object stores the probe uses short timeouts
+        and a single attempt, so a dead endpoint or a missing bucket is reported in seconds.
         """
         probe = f".write-probe-{uuid.uuid4().hex[:8]}"
         try:
@@ -326,20 +366,20 @@ class WorkDir:
             path = self._fs_path(probe)
             fs.pipe_file(path, b"")
             fs.rm_file(path)
-        except StorageError as e:
+        except STORAGE_FAILURES as e:
             cause = e.__cause__ if e.__cause__ is not None else e
-            raise StorageError(f"Work dir {self.url} is not writable: {describe_error(cause)}") from cause
+            raise type(e)(f"Work dir {self.url} is not writable: {describe_error(cause)}") from cause
         except _STORAGE_ERRORS as e:
-            raise StorageError(f"Work dir {self.url} is not writable: {self._explain(e)}") from e
+            raise storage_error(f"Work dir {self.url} is not writable", e, self._explain(e)) from e
 
     def _probe_fs(self) -> fsspec.AbstractFileSystem:
         if self.protocol not in ("s3", "s3a"):
             return self.fs
         options = dict(self.storage_options)
         config = dict(options.get("config_kwargs") or {})
-        config.setdefault("connect_timeout", 3)
-        config.setdefault("read_timeout", 10)
-        config.setdefault("retries", {"max_attempts": 1})
+        config["connect_timeout"] = min(3.0, config.get("connect_timeout", 3.0))
+        config["read_timeout"] = min(10.0, config.get("read_timeout", 10.0))
+        config["retries"] = {"max_attempts": 1}
         options["config_kwargs"] = config
         fs = type(self.fs)(skip_instance_cache=True, **options)
         fs.retries = 1
@@ -359,20 +399,25 @@ class WorkDir:
         if isinstance(error, PermissionError):
             return f"access denied to bucket '{bucket}' at {endpoint} ({text})"
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
-            return ("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                    f"AWS_PROFILE), or checkpoint.storage_options key/secret ({text})")
+            return ("no AWS credentials found: give the job AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    f"AWS_PROFILE, or a workload identity (an IAM role, IRSA) in its environment ({text})")
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
             return f"endpoint {endpoint} unreachable: {text}"
         return text
 
 
-def s3_options(options: dict) -> dict:
-    """``storage_options`` for s3fs with the endpoint taken from the environment when not given.
+def s3_options(options: dict, timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """``storage_options`` for s3fs: the endpoint from the environment when not given, and time bounds.
 
     botocore reads ``AWS_ENDPOINT_URL`` by itself, but fsspec caches filesystem instances by their
     arguments, so an endpoint that only lives in the environment would let two endpoints share one
     cached instance. ``FSSPEC_S3_ENDPOINT_URL`` is only read by fsspec at import time; it is honoured here
     at call time too.
+
+    Time bounds (``config_kwargs`` given by the user win): connect within ``min(timeout, 10)`` s, wait at
+    most ``timeout`` s for each read of an answer, :data:`S3_ATTEMPTS` attempts in botocore's standard
+    retry mode (5xx, SlowDown, timeouts, resets), times :data:`S3FS_ATTEMPTS` in s3fs. A store that
+    accepts connections but never answers fails a request after about ``4 * timeout`` s.
     """
     options = dict(options)
     client_kwargs = options.get("client_kwargs") or {}
@@ -381,7 +426,41 @@ def s3_options(options: dict) -> dict:
             if os.environ.get(var):
                 options["endpoint_url"] = os.environ[var]
                 break
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", min(float(timeout), 10.0))
+    config.setdefault("read_timeout", float(timeout))
+    config.setdefault("retries", {"max_attempts": S3_ATTEMPTS, "mode": "standard"})
+    options["config_kwargs"] = config
     return options
+
+
+def is_final(error: BaseException) -> bool:
+    """Whether a storage failure can never go away by retrying (see the module docstring)."""
+    if isinstance(error, STORAGE_FAILURES):
+        return isinstance(error, StorageError)
+    if boto_errors is not None and isinstance(error, boto_errors.BotoCoreError):
+        return any(cls.__name__ in _FINAL_BOTO for cls in type(error).__mro__)
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return False
+    if isinstance(error, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                          FileExistsError)):
+        return True
+    if isinstance(error, OSError) and error.errno in _FINAL_ERRNOS:
+        return True
+    cause = error.__cause__
+    if cause is not None and cause is not error and boto_errors is not None and \
+            isinstance(cause, boto_errors.BotoCoreError):
+        return is_final(cause)
+    return False
+
+
+def storage_error(message: str, error: BaseException, reason: str = "") -> StorageError | StorageUnavailableError:
+    """``message: reason`` as a :class:`StorageError` (final) or :class:`StorageUnavailableError`
+    (retryable), by :func:`is_final` of ``error``."""
+    reason = reason or describe_error(error)
+    if is_final(error):
+        return StorageError(f"{message}: {reason}")
+    return StorageUnavailableError(f"{message}: {reason} (the store is failing for now: retryable)")
 
 
 def describe_error(error: BaseException) -> str:
@@ -407,6 +486,6 @@ def _discard(f: Any) -> None:
     """
     try:
         f.discard()
-    except Exception:  # the abort is best effort; an unfinished upload is invisible anyway
+    except _STORAGE_ERRORS:  # the abort is best effort; an unfinished upload is invisible anyway
         pass
     f.closed = True
