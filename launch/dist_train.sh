@@ -10,20 +10,21 @@
 #   launch/dist_train.sh configs/bccd/fcos_tiny_bccd.yaml 8 --work-dir work_dirs/bccd
 #   PYTHON=.venv/bin/python launch/dist_train.sh default 2 --cfg-options train.max_steps=100
 #
-# What it sets up (through launch/elastic_run.sh):
+# What it sets up (through launch/elastic_run.sh and the supervisor, python -m elastic_det.supervise):
+#   - a pre-flight: the config, the data and the work dir are checked before torchrun starts.
 #   - c10d rendezvous: `--standalone` (a store on a free loopback port, a fresh rendezvous id) by default;
 #     with RDZV_ENDPOINT set, c10d on that host:port instead, so that more agents can join (NNODES=1:2).
-#   - restarts: a failed worker restarts the worker group (up to MAX_RESTARTS times); the trainer resumes
-#     from the newest checkpoint by itself.
+#   - restarts: a failed worker restarts the worker group (up to MAX_RESTARTS times inside torchrun); when
+#     torchrun itself fails, the supervisor starts it again as long as new checkpoints get committed. The
+#     trainer resumes from the newest checkpoint by itself.
 #   - signals: SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (and SIGHUP, as SIGTERM) sent to this script reach every
 #     worker once; the workers finish the current step, save a checkpoint and stop, and this script exits
 #     143. Run the same command again and training resumes from that checkpoint (`--resume auto`).
 #   - TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (restarts hang without it, see DESIGN.md).
 #
-# Exit status: 0 done; 143 stopped by a signal after the preemption checkpoint (run again to resume);
-# 1 failed: torchrun gave up after MAX_RESTARTS worker-group restarts. Bad input (config, data,
-# checkpoint) is a failure too: each worker prints the one-paragraph error and exits 2, torchrun restarts
-# them MAX_RESTARTS times (seconds each) and then exits 1; look for "elastic_det: error:" in the output.
+# Exit status: 0 done; 2 bad input (config, data, checkpoint: a one-paragraph error names it; never
+# retried); 3 another writer owns the work dir; 4 gave up: MAX_STALLED_ATTEMPTS torchrun attempts in a row
+# committed no checkpoint; 143 stopped by a signal after the preemption checkpoint (run again to resume).
 #
 # Environment overrides (defaults in brackets):
 #   PYTHON            Python interpreter to run torchrun with [python3]; TORCHRUN overrides the whole command
@@ -31,7 +32,8 @@
 #   RDZV_ENDPOINT     host:port of the c10d rendezvous store (hosted by the agent on that host) [standalone]
 #   RDZV_ID           rendezvous id shared by all agents of one job [elastic_det]
 #   RDZV_CONF         rendezvous options [last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3]
-#   MAX_RESTARTS      worker-group restarts before giving up [3]
+#   MAX_RESTARTS      worker-group restarts inside one torchrun [3]
+#   MAX_STALLED_ATTEMPTS  torchrun attempts in a row without a new checkpoint before giving up [3]
 #   SHUTDOWN_TIMEOUT  seconds a worker gets after a signal to finish its step and save, before SIGKILL [120];
 #                     must exceed one training step plus one checkpoint save
 #   TORCHRUN_ARGS     extra torchrun flags, word-split (e.g. "--log-dir /tmp/tr --tee 3")
@@ -92,5 +94,5 @@ exec "$here/elastic_run.sh" \
   "--max-restarts=$MAX_RESTARTS" \
   --signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2 \
   "--shutdown-timeout=$SHUTDOWN_TIMEOUT" \
-  "${extra[@]}" \
-  -m elastic_det.train "${train_args[@]}"
+  ${extra[@]+"${extra[@]}"} \
+  -m elastic_det.train ${train_args[@]+"${train_args[@]}"}

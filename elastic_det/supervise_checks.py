@@ -1,0 +1,131 @@
+"""What ``elastic_det.supervise`` checks: the torch floor, the train command (pre-flight), and progress.
+
+* The torch floor: the launch scripts pass torchrun ``--signals-to-handle`` (new in torch 2.10) and
+  ``--shutdown-timeout`` (new in torch 2.12), also as ``PET_SIGNALS_TO_HANDLE`` / ``PET_SHUTDOWN_TIMEOUT``;
+  an older torchrun rejects the flags with a usage error on every launch, or (as environment variables)
+  silently ignores them. Checked against ``torch.__version__`` before anything starts.
+* The pre-flight, before the first attempt, in this process: parse the train arguments, load the config,
+  build the dataset indexes and probe the work dir, so that bad input stops the job before torchrun runs.
+* Progress: the newest committed checkpoint step in the work dir, from the manifest listing alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ElasticDetError, UserError
+from .storage import WorkDir
+
+TORCH_FLOOR = (2, 12)
+TORCHVISION_FLOOR = (0, 27)  # the torchvision release paired with TORCH_FLOOR
+TRAIN_MODULE = "elastic_det.train"
+
+
+class UnsupportedTorchError(UserError):
+    """The installed torch is older than the torchrun flags the launchers use: final."""
+
+
+class TrainUsageError(UserError):
+    """The train arguments inside the command do not parse: final."""
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    if not match:
+        raise ValueError(f"not a version: {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_torch(version: str | None = None) -> None:
+    """Raise :class:`UnsupportedTorchError` when ``version`` (default: the installed torch) is too old."""
+    if version is None:
+        import torch
+
+        version = torch.__version__
+    if parse_version(version) < TORCH_FLOOR:
+        need = ".".join(map(str, TORCH_FLOOR))
+        raise UnsupportedTorchError(
+            f"torch {version} is installed, but the launchers need torch >= {need}: they pass torchrun "
+            f"--signals-to-handle (torch >= 2.10) and --shutdown-timeout (torch >= 2.12), which an older "
+            f"torchrun rejects or ignores. Install torch>={need} and torchvision>="
+            f"{'.'.join(map(str, TORCHVISION_FLOOR))} (pyproject.toml declares the same floor).")
+
+
+def find_train_args(command: list[str]) -> list[str] | None:
+    """The arguments of ``elastic_det.train`` inside ``command`` (torchrun, python -m, or the console
+    script), or None when the command does not run it."""
+    for i, token in enumerate(command):
+        if token == TRAIN_MODULE and i > 0 and command[i - 1] in ("-m", "--module"):
+            return command[i + 1:]
+        if token.endswith(("elastic_det/train.py", "elastic-det-train")):
+            return command[i + 1:]
+    return None
+
+
+@dataclass
+class Target:
+    """What the supervisor watches: the work dir (None when the command is not a training run it knows)."""
+
+    work_dir: WorkDir | None
+    train_args: list[str] | None
+
+
+def resolve(command: list[str], work_dir: str | None, preflight: bool) -> Target:
+    """Find the work dir of ``command`` and, with ``preflight``, check its config, data and work dir.
+
+    Raises the :class:`ElasticDetError` of the first problem (a :class:`UserError` is final; an
+    :class:`InfrastructureError` is worth another try).
+    """
+    train_args = find_train_args(command)
+    if train_args is None or (work_dir and not preflight):
+        return Target(WorkDir(work_dir) if work_dir else None, train_args)
+    from .config import load_config
+    from .train import overrides_from_args, parse_args
+
+    try:
+        args = parse_args(train_args)
+    except SystemExit as e:  # argparse printed the usage and the problem
+        raise TrainUsageError(f"The {TRAIN_MODULE} arguments in the command do not parse: "
+                              f"{' '.join(train_args)}") from e
+    cfg = load_config(args.config, overrides_from_args(args))
+    target = Target(WorkDir(work_dir or cfg.work_dir, cfg.checkpoint.storage_options), train_args)
+    if preflight:
+        from .data.build import build_dataset
+
+        build_dataset(cfg.data, "train")
+        if cfg.train.validate:
+            build_dataset(cfg.data, "val")
+        target.work_dir.check_writable()
+    return target
+
+
+def committed_step(work_dir: WorkDir | None) -> int | None:
+    """The newest committed checkpoint step (0 when none), None when the work dir cannot be listed.
+
+    Only lists manifests (as discovery does before verifying); nothing is loaded.
+    """
+    if work_dir is None:
+        return None
+    from .checkpoint.store import CheckpointStore
+
+    try:
+        steps = CheckpointStore(work_dir).committed_steps()
+    except (ElasticDetError, OSError):
+        return None
+    return steps[-1] if steps else 0
+
+
+def work_dir_hint(command: list[str], work_dir: str | None) -> WorkDir | None:
+    """The work dir named by ``--work-dir`` (the supervisor's, else the train command's), for logging a
+    pre-flight that failed before the config could say; None when neither names one."""
+    train_args = find_train_args(command) or []
+    for i, arg in enumerate(train_args):
+        if arg.startswith("--work-dir="):
+            work_dir = work_dir or arg.split("=", 1)[1]
+        elif arg == "--work-dir" and i + 1 < len(train_args):
+            work_dir = work_dir or train_args[i + 1]
+    try:
+        return WorkDir(work_dir) if work_dir else None
+    except Exception:  # an unusable URL: nothing to log into
+        return None
