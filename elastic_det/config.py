@@ -136,6 +136,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every K-th step
     async_save: bool = field(default=False, metadata=_key("async"))
     max_failures: int = 3  # consecutive failed saves before training stops
+    timeout_seconds: float = 30.0  # one object-store request waits at most this (x4 with retries), then fails
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. S3 endpoint)
 
 
@@ -393,6 +394,7 @@ RANGES: dict[str, Range] = {
     "checkpoint.keep_last": NON_NEGATIVE,
     "checkpoint.keep_every": NON_NEGATIVE,
     "checkpoint.max_failures": Range(1),
+    "checkpoint.timeout_seconds": POSITIVE,
     "log.interval": POSITIVE,
     "dist.timeout_seconds": POSITIVE,
 }
