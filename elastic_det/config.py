@@ -150,7 +150,6 @@ class LogConfig:
 @dataclass
 class ElasticConfig:
     batch_policy: str = "fixed_global"  # fixed_global | scale_lr
-    timeout_seconds: float = 30.0  # one object-store request waits at most this (x4 with retries), then fails
 
 
 @dataclass
@@ -411,7 +410,6 @@ def _check_values(cfg: Config) -> None:
         for i, value in enumerate(values):
             if not valid.contains(value):
                 name = f"{key[:-2]}[{i}]" if key.endswith("[]") else key
-    "checkpoint.timeout_seconds": POSITIVE,
                 raise ConfigError(f"Config key '{name}' is {value!r}; it must be {valid.describe()}.")
     if cfg.train.max_steps == 0 and cfg.train.max_epochs == 0:
         raise ConfigError("Set train.max_steps or train.max_epochs (both are 0).")
