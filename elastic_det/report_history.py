@@ -363,11 +363,11 @@ def run_rate(attempts: list[Attempt]) -> float | None:
 
 def _attach_supervisor(h: History) -> None:
     """Exit codes from the supervisor's attempt log, onto the last attempt that started inside each."""
-    starts = {r.get("attempt"): r["time"] for r in h.supervisor if r.get("event") == "attempt_start"}
+    starts = {(r.get("host"), r.get("attempt")): r["time"] for r in h.supervisor if r.get("event") == "attempt_start"}
     for r in h.supervisor:
         if r.get("event") != "attempt_end":
             continue
-        began = starts.get(r.get("attempt"), float("-inf"))
+        began = starts.get((r.get("host"), r.get("attempt")), float("-inf"))
         inside = [a for a in h.attempts if began <= a.start <= r["time"]]
         if inside and isinstance(r.get("exit_code"), int):
             inside[-1].exit_code = r["exit_code"]

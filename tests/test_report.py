@@ -182,6 +182,22 @@ def test_picture_png_and_html(known_url, tmp_path, capsys):
         assert image.format == "PNG" and image.size[0] > 0
 
 
+def test_supervisor_attempt_log_adds_exit_codes_and_the_time_around_the_attempts(tmp_path):
+    url = str(tmp_path / "run")
+    write_work_dir(url, KNOWN_LEDGER, KNOWN_METRICS, KNOWN_MANIFESTS)
+    sup = [{"event": "attempt_start", "attempt": 0, "time": T - 2, "committed_step": None, "host": "n"},
+           {"event": "attempt_end", "attempt": 0, "time": T + 89, "exit_code": 143, "host": "n"},
+           {"event": "attempt_start", "attempt": 1, "time": T + 94, "committed_step": 150, "host": "n"},
+           {"event": "attempt_end", "attempt": 1, "time": T + 172, "exit_code": 1, "host": "n"},
+           {"event": "attempt_start", "attempt": 2, "time": T + 178, "committed_step": 200, "host": "n"},
+           {"event": "attempt_end", "attempt": 2, "time": T + 299, "exit_code": 0, "host": "n"}]
+    WorkDir(url).write_bytes_atomic("supervisor/n-1.jsonl", _jsonl(sup))
+    d = build_report(read_history(url)).to_dict()
+    assert [a["exit_code"] for a in d["attempts"]] == [143, 1, 0]
+    assert d["wall_seconds"] == pytest.approx(301.0)  # from the supervisor's first start to its last end
+    assert d["buckets"]["waiting"] == pytest.approx(30.0) and d["buckets"]["good"] == pytest.approx(200.0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A kill between a checkpoint's commit and its log lines
 
