@@ -25,6 +25,7 @@ def collect(world_size: int) -> dict[str, str | int]:
     cuda = torch.cuda.is_available()
     return {
         **versions(),
+        "torch": str(torch.__version__),  # with the build tag (e.g. +cu130) that package metadata leaves out
         "platform": platform.platform(),
         "executable": sys.executable,
         "git": git_hash(),
