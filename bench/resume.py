@@ -1,10 +1,37 @@
-"""Resume cost and lost work: process start to first training step (fresh vs. resumed), and steps lost per
-preemption (SIGTERM: graceful; SIGKILL: hard kill, bounded by the checkpoint interval).
+"""Restart cost phase by phase under torchrun, resume cost, and lost work per preemption.
 
-    python bench/resume.py [--kills 3] [--interval 5]
+    python bench/resume.py                       # restart phases (3 per case) + fresh/resumed + lost steps
+    python bench/resume.py --only restart --restarts 5
+    python bench/resume.py --only lost --kills 3 --interval 5
 
-Runs ``python -m elastic_det.train`` on the embedded default (tiny FCOS, shapes) in subprocesses, no
-evaluation, ``log.interval=1``; times come from the ``time`` of the first train record in metrics.jsonl.
+1. Restart phases (``--only restart``): the embedded default (tiny FCOS, shapes; ``log.interval=1`` so every
+   step is timed) under ``torchrun --nproc-per-node 2`` (gloo, CPU). Two cases, each repeated ``--restarts``
+   times, each time at least one checkpoint after the previous restart:
+
+   SIGKILL of a worker (the agent restarts both workers, ``--max-restarts``):
+       survivor exit   kill -> the other worker has exited (the agent SIGTERMs it after noticing the
+                       death; before the fix it sat in a collective whose peer was gone)
+       respawn         -> the agent has spawned the new workers (its stop + rendezvous + spawn)
+   SIGTERM preemption (to the agent, as Kubernetes or torchrun shutdown does) and relaunch, as a scheduler
+   would, the moment torchrun exits:
+       save + exit     signal -> every worker and the agent have exited (step finished, checkpoint saved)
+       respawn         relaunch -> the new agent has spawned its workers (agent start-up + rendezvous)
+   then, in both cases, per new worker (the slower of the two ranks at each mark), from its spawn:
+       interpreter     -> the worker's Python is running our code
+       imports         -> the trainer module and what it imports (torch, torchvision, ...) are imported
+       dist            -> process group ready (init_process_group)
+       data            -> training set built
+       model           -> model built (and moved to the device)
+       restore         -> checkpoint found, read, verified and applied
+       first step      -> the first train record of the new attempt in metrics.jsonl (rank 0)
+
+   Worker marks come from a probe: torchrun runs this file with ``--probe``, which records wall-clock
+   times around the trainer's building blocks (found by name; a mark whose function is gone is left out)
+   into one file per process, then runs ``elastic_det.train``. Process times come from polling /proc every
+   5 ms. Targets (issue 9): SIGKILL -> next step <= 5 s, SIGTERM -> relaunch -> next step <= 6 s (medians).
+
+2. ``--only lost``: process start to first training step, fresh vs. resumed (one process), and steps lost
+   per preemption (SIGTERM: graceful; SIGKILL: hard kill, bounded by the checkpoint interval).
 """
 
 from __future__ import annotations
@@ -14,13 +41,113 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 BASE = ["train.validate=false", "log.interval=1", "log.progress_bar=never", "data.num_workers=0"]
+PROBE_DIR_ENV = "ELASTIC_DET_BENCH_PROBE_DIR"
+POLL = 0.005
+
+# (mark, "module:attribute") whose first return is recorded by the probe; names the engine may lose are skipped
+PROBED = [
+    ("dist", "elastic_det.dist:init_distributed"),
+    ("data", "elastic_det.trainer:build_dataset"),
+    ("model", "elastic_det.trainer:build_model"),
+    ("checkpoint_found", "elastic_det.trainer:_find_checkpoint"),
+    ("restore", "elastic_det.trainer:_restore"),
+    ("first_compute", "elastic_det.runner.runner:Runner.run_step"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the probe: torchrun runs ``bench/resume.py --probe TRAIN ARGS``
+
+
+def probe_main(argv: list[str]) -> int:
+    started = time.time()
+    out_dir = Path(os.environ[PROBE_DIR_ENV])
+    path = out_dir / f"{os.getpid()}.jsonl"
+    ident = {"pid": os.getpid(), "rank": int(os.environ.get("RANK", "0")),
+             "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+
+    def mark(name: str, t: float | None = None) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({**ident, "mark": name, "t": t or time.time()}) + "\n")
+
+    mark("interpreter", started)
+    import importlib
+
+    import elastic_det.train as entry
+
+    try:
+        importlib.import_module("elastic_det.trainer")
+    except ImportError:
+        pass
+    mark("imports")
+    for name, target in PROBED:
+        _wrap_first_return(target, lambda name=name: mark(name))
+    _wrap_signal_handler(lambda: mark("signal"))
+    try:
+        code = entry.main(argv)
+    except BaseException as e:
+        mark(f"raised:{type(e).__name__}")
+        raise
+    mark("returned")
+    return code
+
+
+def _resolve(target: str):
+    import importlib
+
+    module_name, attr = target.split(":")
+    owner = importlib.import_module(module_name)
+    *path, name = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def _wrap_first_return(target: str, on_first) -> None:
+    try:
+        owner, name = _resolve(target)
+        original = getattr(owner, name)
+    except (ImportError, AttributeError):
+        return
+    done = []
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not done:
+            done.append(True)
+            on_first()
+        return result
+
+    setattr(owner, name, wrapper)
+
+
+def _wrap_signal_handler(on_signal) -> None:
+    import signal as sig
+
+    original = sig.signal
+
+    def install(signum, handler):
+        if signum == sig.SIGTERM and callable(handler):
+            def handle(s, frame, inner=handler):
+                on_signal()
+                return inner(s, frame)
+            return original(signum, handle)
+        return original(signum, handler)
+
+    sig.signal = install
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. restart phases
 
 
 def records(work: Path) -> list[dict]:
@@ -38,17 +165,263 @@ def train_steps(work: Path) -> list[int]:
     return [r["step"] for r in records(work) if r.get("mode") == "train"]
 
 
+def children(pid: int) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def wait_until(condition, timeout: float = 300.0, what: str = "progress", interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark run made no progress: {what}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """torchrun with 2 workers running the probe, in its own session; killed by PID at the end."""
+
+    def __init__(self, root: Path, options: list[str], max_restarts: int) -> None:
+        self.root, self.work, self.probes = root, root / "work", root / "probes"
+        self.probes.mkdir(parents=True, exist_ok=True)
+        sys.path.insert(0, str(REPO / "tests"))
+        from helpers import base_env, torchrun_cmd
+
+        self.env = {**base_env(root / "cache"), PROBE_DIR_ENV: str(self.probes)}
+        args = ["--work-dir", str(self.work), "--cfg-options", f"data.shapes.cache_dir={root / 'cache'}",
+                "log.interval=1", "log.progress_bar=never", "train.max_steps=100000", *options]
+        cmd = torchrun_cmd(2, args, max_restarts=max_restarts)
+        module = cmd.index("-m", cmd.index("--monitor-interval=0.2"))
+        self.cmd = [*cmd[:module], str(Path(__file__).resolve()), "--probe", *cmd[module + 2:]]
+        self.agents: list[subprocess.Popen] = []
+        self.seen: set[int] = set()
+
+    def launch(self) -> subprocess.Popen:
+        with open(self.root / f"torchrun-{len(self.agents)}.log", "ab") as log:
+            agent = subprocess.Popen(self.cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.agents.append(agent)
+        return agent
+
+    def workers(self, agent: subprocess.Popen) -> list[int]:
+        pids = [p for p in children(agent.pid) if alive(p)]
+        self.seen.update(pids)
+        return pids
+
+    def kill_all(self) -> None:
+        for agent in self.agents:
+            if agent.poll() is None:
+                self.workers(agent)
+                os.killpg(agent.pid, signal.SIGKILL)
+        for pid in self.seen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for agent in self.agents:
+            agent.wait()
+
+    def probe_marks(self, pids: list[int]) -> dict[int, dict[str, float]]:
+        out = {}
+        for pid in pids:
+            path = self.probes / f"{pid}.jsonl"
+            marks: dict[str, float] = {}
+            for line in path.read_text().splitlines() if path.exists() else []:
+                r = json.loads(line)
+                marks.setdefault(r["mark"], r["t"])
+            out[pid] = marks
+        return out
+
+    def first_train_after(self, t: float) -> dict | None:
+        return next((r for r in records(self.work) if r.get("mode") == "train" and r["time"] > t), None)
+
+    def ledger_marks(self, t: float) -> dict[str, float]:
+        """Phase marks of the goodput ledger (WORK_DIR/ledger.jsonl) after ``t``, when it exists."""
+        path = self.work / "ledger.jsonl"
+        out: dict[str, float] = {}
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            name, when = r.get("phase") or r.get("mark") or r.get("event"), r.get("time") or r.get("t")
+            if isinstance(name, str) and isinstance(when, (int, float)) and when > t:
+                out.setdefault(name, when)
+        return out
+
+
+WORKER_PHASES = [("interpreter", "interpreter"), ("imports", "imports"), ("dist", "dist"), ("data", "data"),
+                 ("model", "model"), ("restore", "restore")]
+
+
+def worker_phases(spawned: float, marks: dict[int, dict[str, float]], first_step: float) -> dict[str, float]:
+    """Per phase, the slower rank's mark, as durations from the previous mark (spawn first)."""
+    out, prev = {}, spawned
+    for label, mark in WORKER_PHASES:
+        times = [m[mark] for m in marks.values() if mark in m]
+        if len(times) == len(marks) and times:
+            out[label] = max(times) - prev
+            prev = max(times)
+    out["first step"] = first_step - prev
+    return out
+
+
+def bench_sigkill(root: Path, restarts: int, options: list[str]) -> tuple[list[dict], list[dict]]:
+    c = Cluster(root, options, max_restarts=restarts + 1)
+    rows, detail = [], []
+    try:
+        agent = c.launch()
+        last = 0.0
+        for i in range(restarts):
+            # at least 2 steps past a checkpoint of this attempt (checkpoint.interval in options)
+            wait_until(lambda t=last: any(r.get("event") == "checkpoint" and r["time"] > t for r in records(c.work)),
+                       600, "a checkpoint")
+            old = wait_until(lambda a=agent: len(c.workers(a)) == 2 and c.workers(a), 60, "two workers")
+            victim = next(p for p in old if rank_of(p) == 1)
+            (survivor,) = [p for p in old if p != victim]
+            t0 = time.time()
+            os.kill(victim, signal.SIGKILL)
+            marks: dict[str, float] = {}
+            new: list[int] = []
+            while "first_step" not in marks:
+                now = time.time()
+                if "survivor_exit" not in marks and not alive(survivor):
+                    marks["survivor_exit"] = now
+                if "spawned" not in marks:
+                    new = [p for p in c.workers(agent) if p not in old]
+                    if len(new) == 2:
+                        marks["spawned"] = now
+                if "spawned" in marks and (rec := c.first_train_after(marks["spawned"])):
+                    marks["first_step"] = rec["time"]
+                if agent.poll() is not None:
+                    raise RuntimeError(f"torchrun exited, see {c.root}")
+                if now - t0 > 300:
+                    raise TimeoutError(f"no step after kill {i}: {marks}")
+                time.sleep(POLL)
+            old_marks = c.probe_marks([survivor])[survivor]
+            probe = c.probe_marks(new)
+            row = {"survivor exit": marks["survivor_exit"] - t0, "respawn": marks["spawned"] - marks["survivor_exit"],
+                   **worker_phases(marks["spawned"], probe, marks["first_step"]), "total": marks["first_step"] - t0}
+            rows.append(row)
+            detail.append({"survivor_signal": old_marks.get("signal", float("nan")) - t0,
+                           "survivor_end": {k: v - t0 for k, v in old_marks.items() if k.startswith("raised")},
+                           "ledger": {k: v - t0 for k, v in c.ledger_marks(t0).items()}})
+            last = marks["first_step"]
+    finally:
+        c.kill_all()
+    return rows, detail
+
+
+def bench_sigterm(root: Path, restarts: int, options: list[str]) -> list[dict]:
+    c = Cluster(root, options, max_restarts=1)
+    rows = []
+    try:
+        agent = c.launch()
+        last = 0.0
+        for i in range(restarts):
+            wait_until(lambda t=last: any(r.get("event") == "checkpoint" and r["time"] > t for r in records(c.work)),
+                       600, "a checkpoint")
+            old = wait_until(lambda a=agent: len(c.workers(a)) == 2 and c.workers(a), 60, "two workers")
+            t0 = time.time()
+            agent.send_signal(signal.SIGTERM)
+            marks: dict[str, float] = {}
+            while agent.poll() is None or any(alive(p) for p in old):
+                if "workers_exit" not in marks and not any(alive(p) for p in old):
+                    marks["workers_exit"] = time.time()
+                time.sleep(POLL)
+            marks["agent_exit"] = time.time()
+            marks.setdefault("workers_exit", marks["agent_exit"])
+            agent = c.launch()
+            new: list[int] = []
+            while "first_step" not in marks:
+                now = time.time()
+                if "spawned" not in marks:
+                    new = c.workers(agent)
+                    if len(new) == 2:
+                        marks["spawned"] = now
+                if "spawned" in marks and (rec := c.first_train_after(marks["agent_exit"])):
+                    marks["first_step"] = rec["time"]
+                if agent.poll() is not None:
+                    raise RuntimeError(f"relaunched torchrun exited, see {c.root}")
+                if now - t0 > 300:
+                    raise TimeoutError(f"no step after preemption {i}: {marks}")
+                time.sleep(POLL)
+            preempt = [r for r in records(c.work) if r.get("event") == "preempt" and r["time"] > t0]
+            resume = [r for r in records(c.work) if r.get("event") == "resume" and r["time"] > t0]
+            assert preempt and resume and resume[0]["step"] == preempt[0]["step"], (preempt, resume)
+            rows.append({"save + exit": marks["agent_exit"] - t0, "respawn": marks["spawned"] - marks["agent_exit"],
+                         **worker_phases(marks["spawned"], c.probe_marks(new), marks["first_step"]),
+                         "total": marks["first_step"] - t0})
+            last = marks["first_step"]
+    finally:
+        c.kill_all()
+    return rows
+
+
+def table(title: str, rows: list[dict], width: int = 9) -> str:
+    cols = list(rows[0])
+    lines = [title, f"  {'':7s}" + "".join(f"{c:>{max(width, len(c) + 1)}s}" for c in cols)]
+    fmt = lambda c, v: f"{v:{max(width, len(c) + 1) - 1}.2f}s"  # noqa: E731
+    for i, r in enumerate(rows):
+        lines.append(f"  {'run ' + str(i + 1):7s}" + "".join(fmt(c, r.get(c, float('nan'))) for c in cols))
+    lines.append(f"  {'median':7s}" + "".join(fmt(c, statistics.median(r.get(c, float('nan')) for r in rows))
+                                             for c in cols))
+    return "\n".join(lines)
+
+
+def restart_section(root: Path, restarts: int) -> None:
+    options = ["checkpoint.interval=5"]
+    # generate the shapes set once, outside the timed runs
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import base_env
+
+    subprocess.run([sys.executable, "-m", "elastic_det.train", "--work-dir", str(root / "warmup"), "--cfg-options",
+                    f"data.shapes.cache_dir={root / 'cache'}", "train.max_steps=1", "train.validate=false",
+                    "log.progress_bar=never"], env=base_env(root / "cache"), cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = time.time()
+    kill, detail = bench_sigkill(root / "kill", restarts, options)
+    term = bench_sigterm(root / "term", restarts, options)
+    print(f"embedded default (tiny FCOS, shapes), torchrun --nproc-per-node 2, gloo, {os.cpu_count()} CPUs, "
+          f"load average before {os.getloadavg()[0]:.1f}; {', '.join(options)}, log.interval=1\n")
+    print(table("SIGKILL of a worker -> next training step (target: median total <= 5 s)", kill))
+    for i, d in enumerate(detail):
+        print(f"  run {i + 1}: survivor got SIGTERM at {d['survivor_signal']:.2f}s, "
+              f"ended with {d['survivor_end'] or 'no exception'}" + (f"; ledger {d['ledger']}" if d["ledger"] else ""))
+    print()
+    print(table("SIGTERM preemption -> relaunch -> next training step (target: median total <= 6 s)", term))
+    print(f"\n  median total: SIGKILL {statistics.median(r['total'] for r in kill):.2f} s (target 5), "
+          f"SIGTERM {statistics.median(r['total'] for r in term):.2f} s (target 6); bench {time.time() - t:.0f}s\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. one process: start-up and lost steps
+
+
 def launch(work: Path, *options: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "elastic_det.train", "--work-dir", str(work), "--cfg-options", *BASE, *options]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def wait_until(condition, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark run made no progress")
-        time.sleep(0.01)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=REPO)
 
 
 def start_to_first_step(work: Path, *options: str) -> float:
@@ -87,23 +460,44 @@ def sigkill_lost(work: Path, interval: int, rng: random.Random) -> int:
     return done_at_kill - resume_step
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kills", type=int, default=3)
-    p.add_argument("--interval", type=int, default=5)
-    args = p.parse_args()
+def lost_section(tmp: Path, kills: int, interval: int) -> None:
     rng = random.Random(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp) / "run"
-        fresh = start_to_first_step(work, "train.max_steps=20", "checkpoint.interval=10")
-        resumed = start_to_first_step(work, "train.max_steps=25", "checkpoint.interval=10")
-        term = [sigterm_lost(Path(tmp) / f"term{i}", at_step=3 + 2 * i) for i in range(args.kills)]
-        kill = [sigkill_lost(Path(tmp) / f"kill{i}", args.interval, rng) for i in range(args.kills)]
+    work = tmp / "run"
+    fresh = start_to_first_step(work, "train.max_steps=20", "checkpoint.interval=10")
+    resumed = start_to_first_step(work, "train.max_steps=25", "checkpoint.interval=10")
+    term = [sigterm_lost(tmp / f"term{i}", at_step=3 + 2 * i) for i in range(kills)]
+    kill = [sigkill_lost(tmp / f"kill{i}", interval, rng) for i in range(kills)]
     print("embedded default (tiny FCOS, shapes, 1 process, CPU)")
     print(f"process start -> first training step, fresh  : {fresh:6.2f} s")
     print(f"process start -> first training step, resumed: {resumed:6.2f} s   (ratio {resumed / fresh:.2f})")
     print(f"steps lost per SIGTERM (graceful)            : {term}   (target 0)")
-    print(f"steps lost per SIGKILL, checkpoint.interval={args.interval}: {kill}   (target <= {args.interval})")
+    print(f"steps lost per SIGKILL, checkpoint.interval={interval}: {kill}   (target <= {interval})")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        sys.exit(probe_main(sys.argv[2:]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["restart", "lost", "all"], default="all")
+    p.add_argument("--restarts", type=int, default=3, help="restarts per case in the phase tables")
+    p.add_argument("--kills", type=int, default=3)
+    p.add_argument("--interval", type=int, default=5)
+    p.add_argument("--keep", action="store_true", help="keep the work dirs, probe files and torchrun logs")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
+    try:
+        if args.only in ("restart", "all"):
+            restart_section(tmp / "restart", args.restarts)
+        if args.only in ("lost", "all"):
+            lost_section(tmp / "lost", args.kills, args.interval)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
-"""Process group from the torchrun environment, collectives the trainer needs, and a parent-death watchdog."""
+"""Process group from the torchrun environment, collectives the trainer needs, and a parent-death watchdog.
+
+The small collectives (``any_rank``, ``any_rank_each``, ``mean_over_ranks``) run inside the region that
+``set_watch`` installs (``PreemptionFlag.watch``): a rank told to stop while one of them waits for a peer
+that is gone exits at once instead of waiting for the process-group timeout. ``is_peer_lost`` recognises
+the error a collective raises when its peer's connection closes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +59,8 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if world_size > 1:
+        forked_children_die_with_parent()
     if world_size > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_seconds))
@@ -67,13 +79,84 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_watch: Callable[[str], contextlib.AbstractContextManager] | None = None
+
+
+def set_watch(watch: Callable[[str], contextlib.AbstractContextManager] | None) -> None:
+    """The context the small collectives run in (``PreemptionFlag.watch``: a stuck rank stops on a signal)."""
+    global _watch
+    _watch = watch
+
+
+def watched(what: str) -> contextlib.AbstractContextManager:
+    """A region of the main thread that must end soon after a stop signal (see ``preemption``)."""
+    return _watch(what) if _watch is not None else contextlib.nullcontext()
+
+
+_PEER_LOST_MARKERS = (
+    "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+    "Socket Timeout", "NCCL communicator was aborted", "ncclRemoteError", "ncclSystemError",
+)
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """True for the errors a collective raises when a peer is gone (gloo: its connection closed; nccl: the
+    communicator aborted; a ``torch.distributed`` backend or network error)."""
+    if not dist.is_available():
+        return False
+    if isinstance(error, (dist.DistBackendError, dist.DistNetworkError)):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MARKERS)
+
+
+def peer_lost_detail(error: BaseException) -> str:
+    """The first line of a backend error, without gloo's advice and source location."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.split(" This is typically caused by")[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return f"{type(error).__name__}: {text}"
+
+
+_fork_parent = 0
+_fork_hook_installed = False
+
+
+def forked_children_die_with_parent() -> None:
+    """Make every child this process forks (the data-loader workers) die with it (Linux).
+
+    A forked worker inherits the process group's sockets. When the trainer is SIGKILLed, workers that
+    outlive it keep those sockets open, so its peers see no closed connection and wait in their
+    collective until the workers notice the orphaning themselves (5 s in torch's DataLoader): that was
+    most of the time a restart spent before anything restarted. ``PR_SET_PDEATHSIG`` lets the kernel kill
+    them the moment their parent (the thread that forked them: the main thread, for our loaders) dies.
+    """
+    global _fork_hook_installed
+    if _fork_hook_installed or not sys.platform.startswith("linux"):
+        return
+    _fork_hook_installed = True
+
+    def before() -> None:
+        global _fork_parent
+        _fork_parent = os.getpid()
+
+    def in_child() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != _fork_parent:  # the parent died before prctl took effect
+                os._exit(0)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (a MAX all-reduce)."""
     if not dist.is_initialized():
         return flag
     t = torch.tensor([int(flag)], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    with watched("an all-reduce of flags"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
 
 def any_rank_each(flags: list[bool]) -> list[bool]:
@@ -81,8 +164,9 @@ def any_rank_each(flags: list[bool]) -> list[bool]:
     if not dist.is_initialized():
         return list(flags)
     t = torch.tensor([int(f) for f in flags], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    with watched("an all-reduce of flags"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
 
 def mean_over_ranks(values: dict[str, float | torch.Tensor], weight: float) -> dict[str, float]:
@@ -94,9 +178,10 @@ def mean_over_ranks(values: dict[str, float | torch.Tensor], weight: float) -> d
     device = _collective_device() if dist.is_initialized() else torch.device("cpu")
     parts = [torch.as_tensor(values[n]).detach().reshape(()).to(device, torch.float64) * weight for n in names]
     t = torch.stack([*parts, torch.tensor(float(weight), dtype=torch.float64, device=device)])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    totals = t.tolist()
+    with watched("an all-reduce of losses"):
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        totals = t.tolist()
     return {n: totals[i] / totals[-1] if totals[-1] else 0.0 for i, n in enumerate(names)}
 
 

@@ -99,8 +99,13 @@ def train(cfg: Config, resume: str = "auto") -> bool:
     dist.start_parent_watchdog()
     preempt = PreemptionFlag()
     preempt.install()
+    dist.set_watch(preempt.watch if info.distributed else None)  # a rank stuck on a lost peer stops
     try:
         return _train(cfg, resume, info, preempt)
+    except Exception as e:
+        if info.distributed and dist.is_peer_lost(e):  # one line, not a traceback; exit now, no teardown
+            preempt.stop_peer_lost(preempt.where(), dist.peer_lost_detail(e))
+        raise
     finally:
         dist.shutdown()
 

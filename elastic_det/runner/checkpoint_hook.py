@@ -23,8 +23,9 @@ from ..checkpoint.async_save import AsyncSaver
 from ..checkpoint.store import CheckpointStore
 from ..config import CheckpointConfig
 from ..errors import InfrastructureError, StorageError, StorageUnavailableError, WorkDirOwnedError
+from ..grace import GraceMonitor, grace_from_env, start_figures
 from ..preemption import PreemptionFlag
-from ..run_files import MetricsLog, RunFiles
+from ..run_files import METRICS, MetricsLog, RunFiles
 from .hook import Hook
 
 if TYPE_CHECKING:
@@ -58,14 +59,24 @@ class CheckpointHook(Hook):
         self.bug: BaseException | None = None  # a non-storage exception from the save thread
         self._last_save = time.monotonic()
         self._saved_step = -1
+        grace = grace_from_env()  # on every rank: a bad value stops them all
+        self.grace = GraceMonitor(grace if is_main else None)
 
     def before_run(self, runner: Runner) -> None:
         self._last_save = time.monotonic()
         self._saved_step = runner.progress.global_step
+        if runner.progress.global_step > 0:  # resumed from a committed checkpoint
+            self.preempt.note_checkpoint(runner.progress.global_step, committed=True)
+        if self.grace.grace is not None:
+            model_bytes = sum(v.nbytes for v in runner.unwrapped_model.state_dict().values())
+            self.grace.at_start(*start_figures(self.files.local_path(METRICS), model_bytes,
+                                               remote=not self.store.work_dir.is_local))
 
     def after_step(self, runner: Runner) -> None:
         if self.bug is not None:
             raise self.bug
+        if runner.last_step is not None:
+            self.preempt.note_step_time(runner.last_step.step_time)
         step = runner.progress.global_step
         minutes = self.cfg.interval_minutes
         time_due = minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
@@ -115,6 +126,8 @@ class CheckpointHook(Hook):
         if step == self._saved_step and reason != "preempt":
             return
         self._saved_step = step
+        if not self.is_main:
+            self.preempt.note_checkpoint(step, committed=False)
         if self.is_main:
             state = runner.state_dict()
             meta = {**self.meta, "reason": reason, "world_size": runner.dist.world_size,
@@ -140,6 +153,8 @@ class CheckpointHook(Hook):
                 self.on_saved(step, reason, seconds, error is None)
             if error is None:
                 self.failures = 0
+                self.preempt.note_checkpoint(step, committed=True)
+                self.grace.after_save(step, seconds, self.preempt.step_time())
                 self.metrics.event("checkpoint", step, reason=reason, seconds=round(seconds, 3),
                                    path=self.store.location(step))
                 self.files.sync()

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import amp
 from ..data.plan import Progress, StepInfo, StepSchedule, split_micro
-from ..dist import DistInfo
+from ..dist import DistInfo, watched
 from ..state import TrainingParts, build_state
 from .hook import EvalRecord, Hook, StepRecord
 
@@ -76,7 +76,8 @@ class Runner:
                 images, targets = next(batches)
                 data_time = time.perf_counter() - start
                 self._call("before_step")
-                self.last_step = self.run_step(images, targets, data_time, start)
+                with watched(f"step {self.step.global_step + 1}"):  # a stop signal must not wait on a lost peer
+                    self.last_step = self.run_step(images, targets, data_time, start)
                 self.progress = self.step.next_progress(self.progress.seed)
                 self._call("after_step")
                 # from the sample cursor, not step_in_epoch: after a scale_lr resume at another world size
