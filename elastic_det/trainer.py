@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,13 @@ from .data.transforms import build_transforms
 from .errors import ConfigError
 from .evaluation.coco_eval import format_table
 from .evaluation.inference import evaluate
+from .ledger import Ledger
 from .models.build import batch_dependent_layers, build_model
 from .preemption import PreemptionFlag
 from .run_files import MetricsLog, RunFiles, setup_text_logging
 from .runner.checkpoint_hook import CheckpointHook
 from .runner.eval_hook import EvalHook
+from .runner.goodput_hook import GoodputHook
 from .runner.hook import Hook
 from .runner.logging_hooks import LoggerHook
 from .runner.optim import build_optimizer, build_scheduler
@@ -82,6 +85,7 @@ class RunOutput:
     work_dir: WorkDir
     files: RunFiles
     metrics: MetricsLog
+    ledger: Ledger  # where every second of this attempt went (ledger.jsonl, for elastic_det.report)
 
 
 @dataclass
@@ -95,13 +99,14 @@ class TrainData:
 
 def train(cfg: Config, resume: str = "auto") -> bool:
     """Train to ``train.max_steps``; returns True when stopped by a preemption (after its checkpoint)."""
-    info = dist.init_distributed(cfg.dist)
-    dist.start_parent_watchdog()
+    entered = time.time()
     preempt = PreemptionFlag()
     preempt.install()
+    info = dist.init_distributed(cfg.dist)
+    dist.start_parent_watchdog()
     dist.set_watch(preempt.watch if info.distributed else None)  # a rank stuck on a lost peer stops
     try:
-        return _train(cfg, resume, info, preempt)
+        return _train(cfg, resume, info, preempt, {"imports_done": entered, "dist_ready": time.time()})
     except Exception as e:
         if info.distributed and dist.is_peer_lost(e):  # one line, not a traceback; exit now, no teardown
             preempt.stop_peer_lost(preempt.where(), dist.peer_lost_detail(e))
@@ -110,8 +115,10 @@ def train(cfg: Config, resume: str = "auto") -> bool:
         dist.shutdown()
 
 
-def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFlag) -> bool:
+def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFlag, marks: dict[str, float]) -> bool:
     out = open_work_dir(cfg, info)
+    for phase, when in marks.items():
+        out.ledger.mark(phase, time=when)
     try:
         env = env_info.collect(info.world_size)
         log.info("Environment:\n%s", env_info.format_env(env))
@@ -122,10 +129,12 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
         store = CheckpointStore(work_dir=out.work_dir, keep_last=cfg.checkpoint.keep_last,
                                 keep_every=cfg.checkpoint.keep_every, keep_best=cfg.checkpoint.keep_best,
                                 on_event=held_events.append)
+        load_start = time.time()
         checkpoint = state.find_checkpoint(store, resume)
         progress, hook_states = Progress(seed=cfg.seed), {}
         if checkpoint is not None:
             progress, hook_states = state.restore(checkpoint, parts, data.policy.lr, cfg.seed, cfg.optimizer.type)
+        out.ledger.mark("restore_done", step=progress.global_step, load_seconds=round(time.time() - load_start, 3))
         # the run is valid from here on: its files may change
         store.on_event = lambda e: out.metrics.event(e.pop("event"), e.pop("step", -1), **e)
         for event in held_events:
@@ -143,6 +152,9 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
         if runner.stop_reason is None and info.is_main:
             out.metrics.event("done", runner.progress.global_step, world_size=info.world_size)
         return runner.stop_reason == "preempt"
+    except BaseException as e:
+        out.ledger.end("failed", last_step=-1, error=type(e).__name__)  # ignored when the loop recorded its end
+        raise
     finally:
         out.files.close()
 
@@ -154,7 +166,7 @@ def open_work_dir(cfg: Config, info: dist.DistInfo) -> RunOutput:
     files = RunFiles(work_dir, enabled=info.is_main)
     setup_text_logging(files, info.rank)
     _warn_if_not_shared(cfg.work_dir, info)
-    return RunOutput(work_dir, files, MetricsLog(files))
+    return RunOutput(work_dir, files, MetricsLog(files), Ledger(files, world_size=info.world_size))
 
 
 def build_data(cfg: Config, info: dist.DistInfo) -> TrainData:
@@ -200,17 +212,20 @@ def build_batches(cfg: Config, info: dist.DistInfo, data: TrainData, progress: P
 
 def build_hooks(cfg: Config, info: dist.DistInfo, out: RunOutput, store: CheckpointStore,
                 preempt: PreemptionFlag, data: TrainData) -> list[Hook]:
-    """Logger, data trace, evaluation, checkpoint: evaluation before the checkpoint, so a checkpoint at
-    step *s* carries the metrics of the evaluation at *s*."""
+    """Logger, data trace, goodput, evaluation, checkpoint: evaluation before the checkpoint, so a
+    checkpoint at step *s* carries the metrics of the evaluation at *s*; goodput before both, so the steps
+    up to a save are on record before it starts."""
     tensorboard_dir = out.files.local_path("tensorboard") if cfg.log.tensorboard else None
     hooks: list[Hook] = [LoggerHook(out.metrics, cfg.log.interval, cfg.log.progress_bar, tensorboard_dir,
                                     info.is_main)]
     if cfg.data.trace and info.is_main:
         hooks.append(TraceHook(out.files, next_attempt_path(out.work_dir.listdir("trace")), data.dataset.image_ids))
+    hooks.append(GoodputHook(out.ledger, preempt))
     if cfg.train.validate:
-        hooks.append(EvalHook(_evaluator(cfg, info), cfg.train.eval_interval, out.metrics, format_table))
+        hooks.append(EvalHook(_evaluator(cfg, info), cfg.train.eval_interval, out.metrics, format_table,
+                              ledger=out.ledger))
     hooks.append(CheckpointHook(store, cfg.checkpoint, preempt, out.metrics, out.files,
-                                meta={"config_hash": config_hash(cfg)}, is_main=info.is_main))
+                                meta={"config_hash": config_hash(cfg)}, is_main=info.is_main, ledger=out.ledger))
     return hooks
 
 

@@ -13,6 +13,7 @@ Anything else is a bug and propagates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from ..checkpoint.store import CheckpointStore
 from ..config import CheckpointConfig
 from ..errors import InfrastructureError, StorageError, StorageUnavailableError, WorkDirOwnedError
 from ..grace import GraceMonitor, grace_from_env, start_figures
+from ..ledger import Ledger
 from ..preemption import PreemptionFlag
 from ..run_files import METRICS, MetricsLog, RunFiles
 from .hook import Hook
@@ -43,7 +45,7 @@ OnSaved = Callable[[int, str, float, bool], None]
 class CheckpointHook(Hook):
     def __init__(self, store: CheckpointStore, cfg: CheckpointConfig, preempt: PreemptionFlag,
                  metrics: MetricsLog, files: RunFiles, meta: dict[str, Any], is_main: bool,
-                 on_saved: OnSaved | None = None) -> None:
+                 on_saved: OnSaved | None = None, ledger: Ledger | None = None) -> None:
         self.store = store
         self.cfg = cfg
         self.preempt = preempt
@@ -51,7 +53,8 @@ class CheckpointHook(Hook):
         self.files = files
         self.meta = meta
         self.is_main = is_main
-        self.on_saved = on_saved
+        self.ledger = ledger
+        self.on_saved = on_saved if on_saved is not None else (ledger.saved if ledger is not None else None)
         self.saver = AsyncSaver(store) if cfg.async_save and is_main else None
         self.failures = 0
         self.last_error: BaseException | None = None
@@ -128,6 +131,12 @@ class CheckpointHook(Hook):
         self._saved_step = step
         if not self.is_main:
             self.preempt.note_checkpoint(step, committed=False)
+        timed = self.ledger.checkpoint(step, reason=reason) if self.ledger else contextlib.nullcontext()
+        with timed:
+            self._save(runner, step, reason, sync)
+
+    def _save(self, runner: Runner, step: int, reason: str, sync: bool) -> None:
+        """The part of a save that blocks the loop (all of it, or the snapshot of an async save)."""
         if self.is_main:
             state = runner.state_dict()
             meta = {**self.meta, "reason": reason, "world_size": runner.dist.world_size,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..ledger import Ledger
 from ..run_files import MetricsLog
 from .hook import Hook
 
@@ -22,8 +24,10 @@ class EvalHook(Hook):
     val record to ``metrics.jsonl`` and hands the metrics to ``runner.record_eval``."""
 
     def __init__(self, evaluate: Callable[[nn.Module], dict[str, float] | None], interval: int,
-                 metrics: MetricsLog, format_table: Callable[[dict[str, float]], str]) -> None:
+                 metrics: MetricsLog, format_table: Callable[[dict[str, float]], str],
+                 ledger: Ledger | None = None) -> None:
         self.evaluate = evaluate
+        self.ledger = ledger
         self.interval = interval
         self.metrics = metrics
         self.format_table = format_table
@@ -43,7 +47,8 @@ class EvalHook(Hook):
         if step == self._done_step:
             return
         self._done_step = step
-        results = self.evaluate(runner.unwrapped_model)
+        with self.ledger.evaluation(step) if self.ledger else contextlib.nullcontext():
+            results = self.evaluate(runner.unwrapped_model)
         if results is not None:  # rank 0
             self.metrics.write({"mode": "val", "step": step, **results})
             log.info("Evaluation at step %d:\n%s", step, self.format_table(results))
