@@ -94,8 +94,9 @@ sys.exit(1)
 
 # srun as far as this job script is concerned: it records its argv and environment, then runs one task per
 # node of --nodes, locally, each in its own process group with SLURM_NODEID/SLURM_PROCID set (the job
-# step); USR1/USR2 go to every task (as slurmstepd does); TERM/INT/HUP kill the step, as the real srun does
-# ("forcing job termination": it forwards SIGKILL). It exits with the highest exit code of its tasks.
+# step); USR1/USR2 go to every process of every task, whatever its process group (as slurmstepd does with
+# proctrack/cgroup: the supervisor runs torchrun in a group of its own); TERM/INT/HUP kill the step, as the
+# real srun does ("forcing job termination": it forwards SIGKILL). It exits with its tasks' highest code.
 STANDIN_SRUN = """#!/usr/bin/env bash
 printf '%s\\n' "$*" >> "$STANDIN_DIR/srun.calls"
 env > "$STANDIN_DIR/srun.env"
@@ -110,7 +111,8 @@ for ((i = 0; i < nodes; i++)); do
   SLURM_STEP_ID=0 SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" &
   tasks+=($!)
 done
-each() { for t in "${tasks[@]}"; do kill -s "$1" -- "-$t" 2>/dev/null; done; }
+tree() { local c; for c in $(pgrep -P "$1"); do echo "$c"; tree "$c"; done; }
+each() { for t in "${tasks[@]}"; do kill -s "$1" "$t" $(tree "$t") 2>/dev/null; done; }
 trap 'each USR1' USR1
 trap 'each USR2' USR2
 trap 'each KILL' TERM INT HUP
