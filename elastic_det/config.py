@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+from .redaction import REDACTED, redact
 
 
 def _key(name: str) -> dict[str, str]:
@@ -55,6 +56,16 @@ class TransformConfig:
 
 
 @dataclass
+class DataCacheConfig:
+    """Node-local cache: annotation indexes (all datasets) and the images of remote roots (``s3://...``)."""
+
+    dir: str = "~/.cache/elastic_det/data"  # local disk shared by the ranks of a node; "" = no cache
+    max_gb: float = 100.0  # bound on cached images (least recently used evicted); 0 = read images through
+    prefetch_steps: int = 2  # global steps whose images are fetched ahead (remote roots)
+    prefetch_threads: int = 16  # threads of the main process that fetch them
+
+
+@dataclass
 class DataConfig:
     type: str = "shapes"  # shapes | coco | voc | package.module:function
     root: str = ""  # COCO: image folder; VOC: dataset root (Annotations/, JPEGImages/, ImageSets/)
@@ -64,6 +75,9 @@ class DataConfig:
     val_split: str = "val"
     classes: list[str] = field(default_factory=list)  # VOC class names; [] = discovered from the annotations
     val_root: str = ""  # COCO: image folder of the val split when it differs from root
+    # root, val_root, train_ann, val_ann may be URLs (s3://bucket/prefix): read through cache below
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for data URLs (endpoint, ...)
+    cache: DataCacheConfig = field(default_factory=DataCacheConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     filter_empty: bool = True  # drop training images without boxes (they are always kept for evaluation)
     global_batch_size: int = 16
@@ -362,6 +376,9 @@ RANGES: dict[str, Range] = {
     "data.samples_per_device": NON_NEGATIVE,
     "data.num_workers": NON_NEGATIVE,
     "data.val_batch_size": POSITIVE,
+    "data.cache.max_gb": NON_NEGATIVE,
+    "data.cache.prefetch_steps": NON_NEGATIVE,
+    "data.cache.prefetch_threads": NON_NEGATIVE,
     "data.train_transforms.min_size[]": POSITIVE,
     "data.train_transforms.max_size": POSITIVE,
     "data.train_transforms.flip_prob": FRACTION,
@@ -437,37 +454,6 @@ def get_key(cfg: Any, dotted: str) -> Any:
 
 # ----------------------------------------------------------------------------------------------------------
 # Output
-
-
-REDACTED = "<redacted>"
-_SECRET_WORDS = frozenset({"key", "secret", "token", "password", "passwd", "credential", "credentials",
-                           "signature", "auth", "authorization"})
-
-
-def is_secret_key(name: str) -> bool:
-    """A mapping key that holds a credential (``key``, ``secret``, ``aws_secret_access_key``, ``token``, ...)."""
-    words = name.lower().replace("-", "_").split("_")
-    return any(w in _SECRET_WORDS for w in words)
-
-
-def redact(value: Any) -> Any:
-    """``value`` with every credential inside ``storage_options`` mappings replaced by ``<redacted>``.
-
-    Credentials may be given in ``checkpoint.storage_options`` (or any other ``storage_options``); they
-    reach s3fs only and never a file, a log line, an event or a checkpoint.
-    """
-    if isinstance(value, dict):
-        return {k: (_redact_options(v) if k == "storage_options" else redact(v)) for k, v in value.items()}
-    return value
-
-
-def _redact_options(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: (REDACTED if is_secret_key(str(k)) and v not in (None, "") else _redact_options(v))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_options(v) for v in value]
-    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
