@@ -83,7 +83,7 @@ def test_val_loader_partitions_the_dataset_across_ranks(shapes_root):
 
 def test_data_error_in_a_worker_reaches_the_main_process_with_its_message(shapes_root):
     dataset = train_set(shapes_root)
-    os.rename(dataset.records[2].path, dataset.records[2].path + ".moved")
+    os.rename(dataset.image_path(2), dataset.image_path(2) + ".moved")
     try:
         samples = TrainSamples(dataset, build_transforms(TransformConfig(), train=True), seed=0)
         loader = build_train_loader(samples, iter([(0, [0, 1]), (0, [2])]), num_workers=1)
@@ -91,10 +91,10 @@ def test_data_error_in_a_worker_reaches_the_main_process_with_its_message(shapes
         next(iterator)
         with pytest.raises(DataError) as info:
             next(iterator)
-        assert str(info.value) == f"Image file not found: {dataset.records[2].path} (in a data-loader worker)"
+        assert str(info.value) == f"Image file not found: {dataset.image_path(2)} (in a data-loader worker)"
         del info, iterator  # info's traceback holds this frame: a cycle that would delay the worker shutdown
     finally:
-        os.rename(dataset.records[2].path + ".moved", dataset.records[2].path)
+        os.rename(dataset.image_path(2) + ".moved", dataset.image_path(2))
 
 
 def test_workers_survive_preemption_signals_from_others(shapes_root):

@@ -11,6 +11,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .coco import CocoDataset
 from .shapes import ensure_shapes
+from .source import DataSource
 from .voc import VocDataset, voc_classes
 
 BUILTIN_TYPES = ("shapes", "coco", "voc")
@@ -21,17 +22,22 @@ REQUIRED_ATTRIBUTES = ("__len__", "__getitem__", "image_ids", "class_names", "nu
                        "label_to_category_id", "coco_gt", "aspect_ratios")
 
 
-def build_dataset(cfg: DataConfig, split: str) -> Any:
+def build_dataset(cfg: DataConfig, split: str, source: DataSource | None = None) -> Any:
     """The ``train`` or ``val`` dataset. Training drops images without boxes when ``cfg.filter_empty``;
-    evaluation always keeps them."""
+    evaluation always keeps them.
+
+    Paths may be URLs (``s3://...``): files are read with ``cfg.storage_options`` and cached under
+    ``cfg.cache.dir`` (``source`` overrides both).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     train = split == "train"
     filter_empty = cfg.filter_empty and train
+    source = source if source is not None else DataSource.from_config(cfg)
     if cfg.type == "shapes":
         root = ensure_shapes(cfg.shapes)
         return CocoDataset(os.path.join(root, split), os.path.join(root, "annotations", f"{split}.json"),
-                           filter_empty=filter_empty)
+                           filter_empty=filter_empty, source=DataSource())  # tiny: not worth a cache entry
     if cfg.type == "coco":
         ann_key = "train_ann" if train else "val_ann"
         ann_file = getattr(cfg, ann_key)
@@ -40,14 +46,14 @@ def build_dataset(cfg: DataConfig, split: str) -> Any:
         if not cfg.root:
             raise DataError("data.type is coco but data.root (the image folder) is not set.")
         image_root = cfg.root if train else (cfg.val_root or cfg.root)
-        return CocoDataset(image_root, ann_file, filter_empty=filter_empty)
+        return CocoDataset(image_root, ann_file, filter_empty=filter_empty, source=source)
     if cfg.type == "voc":
         if not cfg.root:
             raise DataError("data.type is voc but data.root (the VOC folder) is not set.")
         # Without explicit classes, both splits use the training split's: labels must mean the same.
-        classes = list(cfg.classes) or (None if train else voc_classes(cfg.root, cfg.train_split))
+        classes = list(cfg.classes) or (None if train else voc_classes(cfg.root, cfg.train_split, source))
         return VocDataset(cfg.root, cfg.train_split if train else cfg.val_split, classes=classes,
-                          filter_empty=filter_empty)
+                          filter_empty=filter_empty, source=source)
     if ":" in cfg.type:
         return _build_plugin(cfg, split)
     close = difflib.get_close_matches(cfg.type, BUILTIN_TYPES, n=1)

@@ -1,95 +1,133 @@
-"""COCO-format detection data (an image folder and an instances JSON file), read with pycocotools."""
+"""COCO-format detection data: an image folder and an instances JSON file, each a local path or a URL.
+
+The JSON file is parsed once per node into an :class:`~elastic_det.data.index.AnnotationIndex` (cached by
+the file's identity); later starts memory-map it. Evaluation gets a pycocotools ``COCO`` of the file,
+built from the index when it is first asked for.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import logging
+from typing import Any
 
 import numpy as np
-from pycocotools.coco import COCO
 
 from ..errors import DataError
-from .dataset import DetectionDataset, ImageRecord, log_degenerate, make_coco
+from .index import AnnotationIndex, Strings
+from .indexed import IndexedDataset
+from .source import DataSource
+
+logger = logging.getLogger(__name__)
 
 
-class CocoDataset(DetectionDataset):
+class CocoDataset(IndexedDataset):
     """Images under ``image_root``, boxes from ``ann_file``; categories become labels 1..K by sorted id.
 
     Crowd annotations (``iscrowd=1``) are left out of the training targets and kept in :meth:`coco_gt`
     (the file as given), where COCOeval ignores detections matched to them. Boxes are clipped to the
     image; those with no width or height left are dropped, listed in ``degenerate_boxes`` and logged once.
+    A box with a non-finite coordinate or a negative width or height is an error naming the annotation.
     """
 
-    def __init__(self, image_root: str, ann_file: str, filter_empty: bool = False):
-        if not os.path.isfile(ann_file):
-            raise DataError(f"COCO annotation file not found: {ann_file}")
-        if not os.path.isdir(image_root):
-            raise DataError(f"COCO image folder not found: {image_root} (annotations: {ann_file})")
-        self.image_root = image_root
+    def __init__(self, image_root: str, ann_file: str, filter_empty: bool = False, source: DataSource | None = None):
+        source = source if source is not None else DataSource()
+        identity = source.identity(ann_file, "COCO annotation file")
+        source.check_folder(image_root, "COCO image folder")
         self.ann_file = ann_file
-        data = _read_json(ann_file)
-        try:
-            self._gt = make_coco(data)
-        except (KeyError, TypeError) as e:
-            raise DataError(f"COCO annotation file {ann_file} is malformed: {type(e).__name__}: {e}") from None
-        categories = sorted(self._gt.cats.values(), key=lambda c: c["id"])
-        if not categories:
-            raise DataError(f"COCO annotation file {ann_file} has no categories.")
-        label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
-        self.degenerate_boxes: list[str] = []
-        try:
-            records = [self._record(img, label_of) for img in
-                       (self._gt.imgs[i] for i in sorted(self._gt.imgs))]
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"COCO annotation file {ann_file} is malformed: {type(e).__name__}: {e}") from None
-        log_degenerate(ann_file, self.degenerate_boxes)
-        super().__init__(records, [str(c["name"]) for c in categories], [c["id"] for c in categories],
-                         filter_empty=filter_empty, source=ann_file)
-
-    def _record(self, img: dict, label_of: dict[int, int]) -> ImageRecord:
-        width, height = int(img["width"]), int(img["height"])
-        if width <= 0 or height <= 0:
-            raise ValueError(f"image {img['id']} has size {width}x{height}")
-        boxes, labels, crowd_boxes, crowd_labels = [], [], [], []
-        for ann in self._gt.imgToAnns.get(img["id"], []):
-            if ann["category_id"] not in label_of:
-                raise ValueError(f"annotation {ann['id']} has unknown category_id {ann['category_id']}")
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            box = [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)]
-            label = label_of[ann["category_id"]]
-            if ann.get("iscrowd", 0):
-                crowd_boxes.append(box)
-                crowd_labels.append(label)
-            elif box[2] <= box[0] or box[3] <= box[1]:
-                self.degenerate_boxes.append(f"image {img['id']} annotation {ann['id']} bbox {ann['bbox']}")
-            else:
-                boxes.append(box)
-                labels.append(label)
-        return ImageRecord(
-            image_id=int(img["id"]), path=os.path.join(self.image_root, img["file_name"]),
-            width=width, height=height,
-            boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            labels=np.array(labels, dtype=np.int64),
-            crowd_boxes=np.array(crowd_boxes, dtype=np.float32).reshape(-1, 4),
-            crowd_labels=np.array(crowd_labels, dtype=np.int64),
-        )
-
-    def coco_gt(self) -> COCO:
-        """The annotation file as loaded: all its images, crowd boxes included."""
-        return self._gt
+        index = source.index("coco", identity, lambda: parse_coco(source.read_bytes(ann_file, "COCO annotation file"),
+                                                                 ann_file))
+        names = index.cat_names.tolist()
+        super().__init__(index, image_root, names, index.cat_id.tolist(), np.arange(1, len(names) + 1), source,
+                         name=ann_file, filter_empty=filter_empty, gt_from_file=True)
 
 
-def _read_json(path: str) -> dict:
+def parse_coco(raw: bytes, path: str) -> AnnotationIndex:
+    """The index of a COCO instances file; DataError naming the file (and annotation) for bad input."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"COCO annotation file {path} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise DataError(f"Cannot read COCO annotation file {path}: {e}") from None
+    del raw
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list):
         raise DataError(f"COCO annotation file {path} must be a JSON object with 'images' and "
                         f"'categories' lists (and 'annotations').")
-    data.setdefault("annotations", [])
-    return data
+    try:
+        return _index(data, path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"COCO annotation file {path} is malformed: {type(e).__name__}: {e}") from None
+
+
+def _index(data: dict[str, Any], path: str) -> AnnotationIndex:
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    if not categories:
+        raise DataError(f"COCO annotation file {path} has no categories.")
+    cat_id = np.array([int(c["id"]) for c in categories], dtype=np.int64)
+    images = sorted(data["images"], key=lambda im: im["id"])
+    image_id = np.array([int(im["id"]) for im in images], dtype=np.int64)
+    width = np.array([int(im["width"]) for im in images], dtype=np.int64)
+    height = np.array([int(im["height"]) for im in images], dtype=np.int64)
+    bad = np.flatnonzero((width <= 0) | (height <= 0))
+    if len(bad):
+        raise ValueError(f"image {image_id[bad[0]]} has size {width[bad[0]]}x{height[bad[0]]}")
+
+    anns = data.get("annotations") or []
+    ann_image = np.fromiter((a["image_id"] for a in anns), dtype=np.int64, count=len(anns))
+    position = np.searchsorted(image_id, ann_image)
+    known = (position < len(image_id)) & (image_id[np.minimum(position, len(image_id) - 1)] == ann_image)
+    if not known.all():
+        logger.warning("%s: %d annotation(s) refer to image ids that are not in 'images' (e.g. %d); they are "
+                       "left out.", path, int((~known).sum()), int(ann_image[~known][0]))
+    keep = np.flatnonzero(known)
+    order = keep[np.argsort(position[keep], kind="stable")]  # grouped by image, file order within an image
+    anns = [anns[j] for j in order.tolist()]
+    position = position[order]
+
+    ann_id = np.fromiter((a["id"] for a in anns), dtype=np.int64, count=len(anns))
+    ann_cat = np.fromiter((a["category_id"] for a in anns), dtype=np.int64, count=len(anns))
+    bbox = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    area = np.array([a.get("area", 0.0) for a in anns], dtype=np.float64).reshape(-1)
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), dtype=bool, count=len(anns))
+    unknown = np.flatnonzero(~np.isin(ann_cat, cat_id))
+    if len(unknown):
+        j = unknown[0]
+        raise ValueError(f"annotation {ann_id[j]} has unknown category_id {ann_cat[j]}")
+    check_boxes(bbox, lambda j: f"COCO annotation file {path}: annotation {ann_id[j]} (image {ann_image[order[j]]})",
+                "xywh")
+
+    ann_start = np.zeros(len(image_id) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(position, minlength=len(image_id)), out=ann_start[1:])
+    return AnnotationIndex(
+        box_format="xywh", image_id=image_id, width=width, height=height,
+        files=Strings.from_list([str(im["file_name"]) for im in images]), ann_start=ann_start,
+        ann_id=ann_id, ann_cat=ann_cat, ann_bbox=bbox, ann_area=area, ann_crowd=crowd,
+        cat_id=cat_id, cat_names=Strings.from_list([str(c["name"]) for c in categories]),
+    )
+
+
+def check_boxes(bbox: np.ndarray, name: Any, box_format: str) -> None:
+    """DataError for the first box with a non-finite number or a negative width or height.
+
+    ``name(j)`` names annotation ``j`` in the message. Zero-size boxes pass (they are dropped and counted).
+    """
+    finite = np.isfinite(bbox).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"{name(bad[0])} has a non-finite box {bbox[bad[0]].tolist()}{_more(bad)}: every "
+                        f"coordinate must be a finite number.")
+    if box_format == "xywh":
+        w, h, layout = bbox[:, 2], bbox[:, 3], "[x, y, width, height]"
+        hint = "; a converter that wrote [x1, y1, x2, y2] produces this"
+    else:
+        w, h, layout = bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1], "xmin ymin xmax ymax"
+        hint = ""
+    negative = (w < 0) | (h < 0)
+    if negative.any():
+        bad = np.flatnonzero(negative)
+        raise DataError(f"{name(bad[0])} has a box with negative width or height {bbox[bad[0]].tolist()}"
+                        f"{_more(bad)} (boxes are {layout}{hint}).")
+
+
+def _more(bad: np.ndarray) -> str:
+    return f" (and {len(bad) - 1} more such box(es))" if len(bad) > 1 else ""

@@ -28,8 +28,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -149,14 +150,18 @@ def make_coco(dataset: dict) -> COCO:
     return coco
 
 
-def load_image(path: str, expected_size: tuple[int, int] | None = None) -> tv_tensors.Image:
+def load_image(path: str, expected_size: tuple[int, int] | None = None,
+               opener: Callable[[str], BinaryIO] | None = None) -> tv_tensors.Image:
     """Decode ``path`` as RGB uint8 CHW; a missing, corrupt or wrongly sized file raises DataError.
 
     ``expected_size`` is (width, height) from the annotation: boxes are in those coordinates, so an image
-    of another size would silently train on wrong boxes.
+    of another size would silently train on wrong boxes. ``opener(path)`` returns the file to decode (e.g.
+    through the node-local cache of a remote root; it raises the taxonomy's errors itself).
     """
     try:
-        with Image.open(path) as im:
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(opener(path)) if opener is not None else path
+            im = stack.enter_context(Image.open(source))
             array = np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"Image file not found: {path}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import DataError
+from ..errors import DataError, StorageUnavailableError
 
 _IGNORED_IN_WORKERS = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -68,7 +69,7 @@ def build_train_loader(samples: TrainSamples, step_indices: Iterable[tuple[int, 
     ``step_indices`` is consumed lazily (workers prefetch a few steps ahead); it may be infinite. The
     loader can be iterated once.
     """
-    return _DataLoader(samples, batch_sampler=_StepBatches(step_indices), num_workers=num_workers,
+    return _DataLoader(samples, batch_sampler=_StepBatches(step_indices, samples.dataset), num_workers=num_workers,
                        collate_fn=detection_collate, pin_memory=pin_memory, persistent_workers=False,
                        worker_init_fn=_worker_signals if num_workers > 0 else None)
 
@@ -77,19 +78,35 @@ def build_val_loader(dataset: Any, transforms: Callable, rank: int, world_size: 
                      num_workers: int, pin_memory: bool = False) -> DataLoader:
     """This rank's part of the evaluation set: indices ``rank, rank + world_size, ...`` in batches."""
     indices = list(range(rank, len(dataset), world_size))
-    batches = [[(0, i) for i in indices[k:k + batch_size]] for k in range(0, len(indices), batch_size)]
-    return _DataLoader(TrainSamples(dataset, transforms, seed=0), batch_sampler=batches,
+    batches = [(0, indices[k:k + batch_size]) for k in range(0, len(indices), batch_size)]
+    return _DataLoader(TrainSamples(dataset, transforms, seed=0), batch_sampler=_StepBatches(batches, dataset),
                        num_workers=num_workers, collate_fn=detection_collate, pin_memory=pin_memory,
                        persistent_workers=False, worker_init_fn=_worker_signals if num_workers > 0 else None)
 
 
 class _StepBatches:
-    def __init__(self, step_indices: Iterable[tuple[int, list[int]]]):
+    """Loader batches ``[(epoch, index), ...]``; datasets with remote images get each batch's images
+    fetched into the node-local cache ``dataset.prefetch_steps`` batches before the batch is handed out."""
+
+    def __init__(self, step_indices: Iterable[tuple[int, list[int]]], dataset: Any):
         self.step_indices = step_indices
+        self.dataset = dataset
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        ahead = getattr(self.dataset, "prefetch_steps", 0)
+        window: deque[tuple[int, list[int]]] = deque()
         for epoch, indices in self.step_indices:
+            if ahead > 0:
+                self.dataset.prefetch(indices)
+            window.append((epoch, indices))
+            if len(window) > ahead:
+                epoch, indices = window.popleft()
+                yield [(epoch, i) for i in indices]
+        for epoch, indices in window:
             yield [(epoch, i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.step_indices)  # type: ignore[arg-type]
 
 
 def _worker_signals(worker_id: int) -> None:
@@ -119,10 +136,10 @@ def _exit_on_parent_sigterm(parent: int) -> None:
 
 
 class _DataLoader(DataLoader):
-    """A DataLoader that re-raises a worker's DataError with the worker's own message.
+    """A DataLoader that re-raises a worker's DataError (or StorageUnavailableError) with its own message.
 
     DataLoader re-raises a worker exception as the same type with the worker's whole traceback as its
-    message; the CLI prints a DataError as one paragraph, so keep only the message itself.
+    message; the CLI prints these errors as one paragraph, so keep only the message itself.
     """
 
     def __iter__(self) -> Iterator:
@@ -139,23 +156,24 @@ class _CleanDataErrors:
     def __next__(self) -> Any:
         try:
             return next(self._iterator)
-        except DataError as e:
-            message = _worker_message(str(e))
+        except (DataError, StorageUnavailableError) as e:
+            error_type = type(e)
+            message = _worker_message(str(e), error_type)
             if message is None:
                 raise
             # torch's re-raising frame holds the exception, whose traceback holds that frame: a cycle
             # that keeps the iterator, and so its workers, alive until garbage collection. Break it, and
             # raise the clean error outside this block so that no frame holds ``e`` either.
             e.__traceback__ = None
-        raise DataError(message)
+        raise error_type(message)
 
     def __len__(self) -> int:
         return len(self._iterator)
 
 
-def _worker_message(text: str) -> str | None:
-    """The DataError message inside the worker traceback that DataLoader re-raises, or None."""
-    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+def _worker_message(text: str, error_type: type[Exception] = DataError) -> str | None:
+    """The message of the worker's error inside the traceback that DataLoader re-raises, or None."""
+    marker = f"{error_type.__module__}.{error_type.__qualname__}: "
     if marker not in text:
         return None
     return text.rsplit(marker, 1)[1].strip() + " (in a data-loader worker)"

@@ -1,14 +1,16 @@
 """Pascal VOC-format detection data: ``Annotations/<id>.xml``, ``JPEGImages/<id>.jpg``,
-``ImageSets/Main/<split>.txt``.
+``ImageSets/Main/<split>.txt`` under a local folder or a URL prefix.
 
 Box corners are taken as written (``xmin ymin xmax ymax`` as XYXY pixel coordinates, like mmdetection),
 so a box with ``xmin == xmax`` has zero width: it is dropped, listed in ``degenerate_boxes`` and logged.
+A non-finite corner or ``xmax < xmin`` (``ymax < ymin``) is an error naming the file and the object.
 ``difficult=1`` objects are not trained on and appear with ``iscrowd=1`` (ignored) in :meth:`coco_gt`.
+The XML files of a split are parsed once per node into a cached index (see :mod:`elastic_det.data.index`).
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -17,7 +19,11 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .dataset import DetectionDataset, ImageRecord, log_degenerate
+from .coco import check_boxes
+from .index import AnnotationIndex, Strings
+from .indexed import IndexedDataset
+from .remote import join
+from .source import DataSource
 
 
 @dataclass
@@ -35,7 +41,7 @@ class _VocAnnotation:
     objects: list[_VocObject]
 
 
-class VocDataset(DetectionDataset):
+class VocDataset(IndexedDataset):
     """The images of ``root/ImageSets/Main/<split>.txt``.
 
     ``classes`` fixes the label order (label i = ``classes[i-1]``); when None, the sorted names found in
@@ -44,91 +50,111 @@ class VocDataset(DetectionDataset):
     when those are unique, else the 1-based line number in the split file.
     """
 
-    def __init__(self, root: str, split: str, classes: list[str] | None = None, filter_empty: bool = False):
+    def __init__(self, root: str, split: str, classes: list[str] | None = None, filter_empty: bool = False,
+                 source: DataSource | None = None):
+        source = source if source is not None else DataSource()
         self.root = root
         self.split = split
-        names = read_split(root, split)
-        annotations = [_parse_xml(os.path.join(root, "Annotations", f"{n}.xml")) for n in names]
+        index = voc_index(root, split, source)
+        found = index.cat_names.tolist()
         if classes is None:
-            classes = sorted({o.name for a in annotations for o in a.objects})
+            classes = found
         if len(set(classes)) != len(classes):
             raise DataError(f"VOC classes must be unique, got {classes}")
-        label_of = {c: i + 1 for i, c in enumerate(classes)}
-        ids = _image_ids(names)
-        self.degenerate_boxes: list[str] = []
-        records = [self._record(image_id, name, ann, label_of)
-                   for image_id, name, ann in zip(ids, names, annotations, strict=True)]
-        source = _split_file(root, split)
-        log_degenerate(source, self.degenerate_boxes)
-        super().__init__(records, classes, list(range(1, len(classes) + 1)), filter_empty=filter_empty,
-                         source=source)
+        cat_label = np.array([classes.index(n) + 1 if n in classes else 0 for n in found], dtype=np.int64)
+        missing = np.flatnonzero(cat_label[np.searchsorted(index.cat_id, index.ann_cat)] == 0)
+        if len(missing):
+            j = int(missing[0])
+            image = int(np.searchsorted(index.ann_start, j, side="right") - 1)
+            raise DataError(f"VOC annotation {self._xml(index, image)}: object {j - int(index.ann_start[image])} has "
+                            f"class '{found[int(index.ann_cat[j])]}', which is not one of the classes {classes}.")
+        super().__init__(index, root, classes, list(range(1, len(classes) + 1)), cat_label, source,
+                         name=_split_file(root, split), filter_empty=filter_empty, gt_from_file=False)
 
-    def _record(self, image_id: int, name: str, ann: _VocAnnotation, label_of: dict[str, int]) -> ImageRecord:
-        image_path = os.path.join(self.root, "JPEGImages", f"{name}.jpg")
-        width, height = ann.width, ann.height
-        if width <= 0 or height <= 0:  # some VOC files carry <size> 0 0: read the header (no decoding)
-            width, height = _image_size(image_path)
-        boxes, labels, crowd_boxes, crowd_labels = [], [], [], []
-        for k, obj in enumerate(ann.objects):
-            if obj.name not in label_of:
-                raise DataError(f"VOC annotation {ann.path}: object {k} has class '{obj.name}', which is not "
-                                f"one of the classes {list(label_of)}.")
-            x1, y1, x2, y2 = obj.box
-            box = [max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)]
-            if box[2] <= box[0] or box[3] <= box[1]:
-                self.degenerate_boxes.append(f"{ann.path} object {k} {obj.box}")
-            elif obj.difficult:
-                crowd_boxes.append(box)
-                crowd_labels.append(label_of[obj.name])
-            else:
-                boxes.append(box)
-                labels.append(label_of[obj.name])
-        return ImageRecord(
-            image_id=image_id, path=image_path, width=width, height=height,
-            boxes=np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            labels=np.array(labels, dtype=np.int64),
-            crowd_boxes=np.array(crowd_boxes, dtype=np.float32).reshape(-1, 4),
-            crowd_labels=np.array(crowd_labels, dtype=np.int64),
-        )
+    def _xml(self, index: AnnotationIndex, image: int) -> str:
+        stem = index.files[image].removeprefix("JPEGImages/").removesuffix(".jpg")
+        return join(self.root, f"Annotations/{stem}.xml")
+
+    def describe_annotation(self, j: int, image: int) -> str:
+        return (f"{self._xml(self.index, image)} object {j - int(self.index.ann_start[image])} "
+                f"{np.asarray(self.index.ann_bbox[j]).tolist()}")
 
 
-def voc_classes(root: str, split: str) -> list[str]:
+def voc_classes(root: str, split: str, source: DataSource | None = None) -> list[str]:
     """The sorted class names of the annotations of a split."""
-    names = read_split(root, split)
-    annotations = (_parse_xml(os.path.join(root, "Annotations", f"{n}.xml")) for n in names)
-    return sorted({o.name for a in annotations for o in a.objects})
+    return voc_index(root, split, source if source is not None else DataSource()).cat_names.tolist()
 
 
-def read_split(root: str, split: str) -> list[str]:
+def voc_index(root: str, split: str, source: DataSource) -> AnnotationIndex:
+    """The (cached) index of a split, keyed by the split file and the identity of every XML it names."""
+    names = read_split(root, split, source)
+    xml_names = [f"{n}.xml" for n in names]
+    identities = source.file_identities(join(root, "Annotations"), xml_names, "VOC annotation file")
+    identity = hashlib.sha256("\n".join([root, split, *identities]).encode()).hexdigest()
+    return source.index("voc", identity, lambda: _build_index(root, names, source))
+
+
+def read_split(root: str, split: str, source: DataSource | None = None) -> list[str]:
     """The image file ids listed in ``root/ImageSets/Main/<split>.txt`` (first column)."""
-    if not os.path.isdir(root):
-        raise DataError(f"VOC dataset root not found: {root}")
+    source = source if source is not None else DataSource()
+    source.check_folder(root, "VOC dataset root")
     path = _split_file(root, split)
-    if not os.path.isfile(path):
-        folder = os.path.dirname(path)
-        have = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".txt")) if os.path.isdir(folder) else []
-        raise DataError(f"VOC split file not found: {path} (splits found: {', '.join(have) or 'none'})")
-    with open(path, encoding="utf-8") as f:
-        names = [line.split()[0] for line in f if line.strip()]
+    try:
+        text = source.read_bytes(path, "VOC split file").decode("utf-8")
+    except DataError as e:
+        if "not found" not in str(e):
+            raise
+        have = sorted(f[:-4] for f in source.list_folder(join(root, "ImageSets/Main")) if f.endswith(".txt"))
+        raise DataError(f"VOC split file not found: {path} (splits found: {', '.join(have) or 'none'})") from None
+    names = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not names:
         raise DataError(f"VOC split file {path} lists no images.")
     return names
 
 
 def _split_file(root: str, split: str) -> str:
-    return os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+    return join(root, f"ImageSets/Main/{split}.txt")
 
 
-def _parse_xml(path: str) -> _VocAnnotation:
+def _build_index(root: str, names: list[str], source: DataSource) -> AnnotationIndex:
+    paths = [join(root, f"Annotations/{n}.xml") for n in names]
+    annotations = [_parse_xml(p, raw) for p, raw in zip(paths, source.read_many(paths, "VOC annotation file"),
+                                                        strict=True)]
+    class_names = sorted({o.name for a in annotations for o in a.objects})
+    code = {c: i for i, c in enumerate(class_names)}
+    widths, heights, boxes, cats, crowd, counts, owner = [], [], [], [], [], [], []
+    for name, ann in zip(names, annotations, strict=True):
+        width, height = ann.width, ann.height
+        if width <= 0 or height <= 0:  # some VOC files carry <size> 0 0: read the header (no decoding)
+            width, height = _image_size(join(root, f"JPEGImages/{name}.jpg"), source)
+        widths.append(width)
+        heights.append(height)
+        counts.append(len(ann.objects))
+        for k, obj in enumerate(ann.objects):
+            boxes.append(obj.box)
+            cats.append(code[obj.name])
+            crowd.append(obj.difficult)
+            owner.append((ann.path, k))
+    bbox = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    check_boxes(bbox, lambda j: f"VOC annotation {owner[j][0]}: object {owner[j][1]}", "xyxy")
+    ann_start = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(counts, out=ann_start[1:])
+    return AnnotationIndex(
+        box_format="xyxy", image_id=np.array(_image_ids(names), dtype=np.int64),
+        width=np.array(widths, dtype=np.int64), height=np.array(heights, dtype=np.int64),
+        files=Strings.from_list([f"JPEGImages/{n}.jpg" for n in names]), ann_start=ann_start,
+        ann_id=np.arange(1, len(bbox) + 1, dtype=np.int64), ann_cat=np.array(cats, dtype=np.int64),
+        ann_bbox=bbox, ann_area=(bbox[:, 2] - bbox[:, 0]) * (bbox[:, 3] - bbox[:, 1]),
+        ann_crowd=np.array(crowd, dtype=bool), cat_id=np.arange(len(class_names), dtype=np.int64),
+        cat_names=Strings.from_list(class_names),
+    )
+
+
+def _parse_xml(path: str, raw: bytes) -> _VocAnnotation:
     try:
-        tree = ET.parse(path)
-    except FileNotFoundError:
-        raise DataError(f"VOC annotation file not found: {path}") from None
+        root = ET.fromstring(raw)
     except ET.ParseError as e:
         raise DataError(f"VOC annotation {path} is not valid XML: {e}") from None
-    except OSError as e:
-        raise DataError(f"Cannot read VOC annotation {path}: {e}") from None
-    root = tree.getroot()
     try:
         size = root.find("size")
         width = int(float(size.findtext("width", "0"))) if size is not None else 0
@@ -165,11 +191,9 @@ def _image_ids(names: list[str]) -> list[int]:
     return list(range(1, len(names) + 1))
 
 
-def _image_size(path: str) -> tuple[int, int]:
+def _image_size(path: str, source: DataSource) -> tuple[int, int]:
     try:
-        with Image.open(path) as im:
+        with source.open_image(path) as f, Image.open(f) as im:
             return im.size
-    except FileNotFoundError:
-        raise DataError(f"Image file not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"Cannot read image {path}: {e}") from None
