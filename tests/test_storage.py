@@ -207,7 +207,7 @@ def test_s3_requests_are_bounded_in_time(monkeypatch):
     options = s3_options({}, timeout=7)
     assert options["config_kwargs"]["read_timeout"] == 7
     assert options["config_kwargs"]["connect_timeout"] == 7
-    assert options["config_kwargs"]["retries"]["max_attempts"] == 2
+    assert options["config_kwargs"]["retries"]["total_max_attempts"] == 2
     assert s3_options({}, timeout=60)["config_kwargs"]["connect_timeout"] == 10
     mine = s3_options({"config_kwargs": {"read_timeout": 300}}, timeout=7)
     assert mine["config_kwargs"]["read_timeout"] == 300  # the user's settings win

@@ -17,6 +17,10 @@ class HashingWriter:
     Large chunks are hashed in a helper thread while ``raw.write`` runs (both release the GIL), and the
     write returns only after both finish, so a caller's buffer is never read after it was handed back.
 
+    ``error`` keeps the first exception raised by ``raw.write``: a serializer that calls ``write`` (such as
+    ``torch.save``'s zip writer) may replace it by an error of its own while unwinding, and the caller
+    wants the storage failure, not its consequence.
+
     With ``writeback_fd`` (the file descriptor behind ``raw``, a local file), the kernel is asked to start
     writing each 32 MB to disk as soon as it is written (``posix_fadvise(DONTNEED)`` starts asynchronous
     writeback), so the final ``fsync`` waits for the tail only instead of for the whole file.
@@ -29,6 +33,7 @@ class HashingWriter:
         self._fd = writeback_fd if hasattr(os, "posix_fadvise") else None
         self._written_back = 0
         self.size = 0
+        self.error: BaseException | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -37,16 +42,24 @@ class HashingWriter:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
             hashed = self._pool.submit(self._sha.update, view)
             try:
-                self._raw.write(view)
+                self._write(view)
             finally:
                 hashed.result()
         else:
             self._sha.update(view)
-            self._raw.write(view)
+            self._write(view)
         self.size += view.nbytes
         if self._fd is not None and self.size - self._written_back >= _WRITEBACK_EVERY:
             self._start_writeback()
         return view.nbytes
+
+    def _write(self, view: memoryview) -> None:
+        try:
+            self._raw.write(view)
+        except BaseException as e:
+            if self.error is None:
+                self.error = e
+            raise
 
     def _start_writeback(self) -> None:
         self._raw.flush()

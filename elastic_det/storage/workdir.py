@@ -174,6 +174,10 @@ class WorkDir:
                 writer = HashingWriter(raw, writeback_fd=raw.fileno())
                 try:
                     write_fn(writer)
+                except BaseException:
+                    if writer.error is not None:
+                        raise writer.error from None  # the storage failure, not what the serializer made of it
+                    raise
                 finally:
                     writer.close()
                 raw.flush()
@@ -199,6 +203,8 @@ class WorkDir:
         except BaseException:
             writer.close()
             _discard(f)
+            if writer.error is not None:
+                raise writer.error from None  # the storage failure, not what the serializer made of it
             raise
         self.fs.invalidate_cache(path)
         stored = self.fs.info(path)["size"]
@@ -379,7 +385,7 @@ class WorkDir:
         config = dict(options.get("config_kwargs") or {})
         config["connect_timeout"] = min(3.0, config.get("connect_timeout", 3.0))
         config["read_timeout"] = min(10.0, config.get("read_timeout", 10.0))
-        config["retries"] = {"max_attempts": 1}
+        config["retries"] = {"total_max_attempts": 1}
         options["config_kwargs"] = config
         fs = type(self.fs)(skip_instance_cache=True, **options)
         fs.retries = 1
@@ -429,7 +435,7 @@ def s3_options(options: dict, timeout: float = DEFAULT_TIMEOUT) -> dict:
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("connect_timeout", min(float(timeout), 10.0))
     config.setdefault("read_timeout", float(timeout))
-    config.setdefault("retries", {"max_attempts": S3_ATTEMPTS, "mode": "standard"})
+    config.setdefault("retries", {"total_max_attempts": S3_ATTEMPTS, "mode": "standard"})
     options["config_kwargs"] = config
     return options
 
