@@ -115,7 +115,8 @@ def history(metrics_path: str, tail_bytes: int = 256 * 1024) -> tuple[float | No
 class GraceMonitor:
     """Warns at start and after a save that does not fit. After a save it warns the first time and then
     only when a save is at least 10% slower than the slowest one already reported, so a slow store shows
-    as a trend in the log, not as a line at every interval."""
+    as a trend in the log, not as a line at every interval. The warning at start does not count: its
+    figure is an estimate or an older run's."""
 
     def __init__(self, grace: Grace | None) -> None:
         self.grace = grace
@@ -125,8 +126,7 @@ class GraceMonitor:
         if self.grace is None:
             return None
         message = shortfall(self.grace, save_seconds, step_seconds, source)
-        if message is not None:
-            self._reported = save_seconds
+        if message is not None:  # the first measured save that does not fit is reported all the same
             log.warning("%s", message)
         return message
 
