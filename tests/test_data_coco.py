@@ -1,5 +1,8 @@
+import contextlib
+import io
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from torchvision import tv_tensors
 
 from elastic_det.config import DataConfig
 from elastic_det.data import CocoDataset, build_dataset
+from elastic_det.data.source import DataSource
 from elastic_det.errors import DataError
 
 # Category ids are not contiguous and not in order: labels follow the sorted ids (dog=1, cat=2, bird=3).
@@ -168,3 +172,78 @@ def test_build_dataset_plugins(tmp_path):
                          ("cocoo", "Did you mean 'coco'")]:
         with pytest.raises(DataError, match=message):
             build_dataset(DataConfig(type=bad), "train")
+
+
+@pytest.mark.parametrize("bbox, message", [
+    ([1, float("nan"), 10, 5], r"annotation 10 \(image 1\) has a non-finite box \[1.0, nan, 10.0, 5.0\]"),
+    ([1, 2, float("inf"), 5], r"annotation 10 \(image 1\) has a non-finite box \[1.0, 2.0, inf, 5.0\]"),
+    ([30, 10, -20, -5], r"annotation 10 \(image 1\) has a box with negative width or height "
+                        r"\[30.0, 10.0, -20.0, -5.0\] \(boxes are \[x, y, width, height\]; a converter that wrote "
+                        r"\[x1, y1, x2, y2\] produces this\)"),
+])
+def test_non_finite_and_negative_boxes_name_the_file_the_annotation_and_the_value(tmp_path, bbox, message):
+    annotations = [dict(ANNOTATIONS[0], bbox=bbox), *ANNOTATIONS[1:]]
+    with pytest.raises(DataError, match=rf"COCO annotation file .*instances.json: {message}"):
+        CocoDataset(*make_coco(tmp_path, annotations=annotations))
+
+
+def test_a_nan_box_stops_training_with_exit_2_and_one_paragraph(tmp_path):
+    from helpers import FAST, base_env, run_train
+
+    crowd_nan = dict(ANNOTATIONS[4], bbox=[3, 3, float("nan"), 9])  # crowd boxes are checked too
+    image_root, ann_file = make_coco(tmp_path, annotations=[*ANNOTATIONS[:4], crowd_nan])
+    result = run_train(["--work-dir", str(tmp_path / "work"), "--cfg-options", *FAST, "data.type=coco",
+                        f"data.root={image_root}", f"data.train_ann={ann_file}", f"data.cache.dir={tmp_path / 'c'}"],
+                       base_env(tmp_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "instances.json: annotation 14 (image 3) has a non-finite box [3.0, 3.0, nan, 9.0]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_index_is_cached_by_the_files_identity_and_memory_mapped(tmp_path):
+    image_root, ann_file = make_coco(tmp_path)
+    cache = tmp_path / "cache"
+    first = CocoDataset(image_root, ann_file, source=DataSource(str(cache)))
+    assert not isinstance(first.index.ann_bbox, np.memmap)  # parsed
+    again = CocoDataset(image_root, ann_file, source=DataSource(str(cache)))
+    assert isinstance(again.index.ann_bbox, np.memmap)  # loaded from the cache
+    assert again.image_ids == first.image_ids and again.coco_gt().dataset == first.coco_gt().dataset
+    assert len([p for p in (cache / "index").iterdir() if p.is_dir()]) == 1
+
+    # Same size, same mtime, different content (a copy with its times preserved): a new index.
+    stat = os.stat(ann_file)
+    text = open(ann_file).read().replace('"name": "bird"', '"name": "bord"')
+    with open(ann_file, "w") as f:
+        f.write(text)
+    os.utime(ann_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(ann_file).st_size == stat.st_size
+    changed = CocoDataset(image_root, ann_file, source=DataSource(str(cache)))
+    assert changed.class_names == ["dog", "cat", "bord"] and not isinstance(changed.index.ann_bbox, np.memmap)
+
+
+def test_a_bad_file_is_never_cached(tmp_path):
+    annotations = [dict(ANNOTATIONS[0], bbox=[1, 2, -3, 4]), *ANNOTATIONS[1:]]
+    image_root, ann_file = make_coco(tmp_path, annotations=annotations)
+    for _ in range(2):
+        with pytest.raises(DataError, match="negative width or height"):
+            CocoDataset(image_root, ann_file, source=DataSource(str(tmp_path / "cache")))
+    assert not [p for p in (tmp_path / "cache" / "index").iterdir() if p.is_dir()]
+
+
+def test_evaluation_on_the_indexed_ground_truth_equals_pycocotools_on_the_file(tmp_path):
+    from pycocotools.coco import COCO
+
+    from elastic_det.evaluation.coco_eval import coco_evaluate
+
+    image_root, ann_file = make_coco(tmp_path)
+    dataset = CocoDataset(image_root, ann_file, source=DataSource(str(tmp_path / "cache")))
+    dataset = CocoDataset(image_root, ann_file, source=DataSource(str(tmp_path / "cache")))  # from the index
+    rng = np.random.default_rng(0)
+    results = [{"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in rng.uniform(0, 15, 4)],
+                "score": float(s)} for i, c, s in zip(rng.choice([1, 2, 3], 60), rng.choice([2, 5, 9], 60),
+                                                      rng.uniform(0, 1, 60), strict=True)]
+    results += [{"image_id": 1, "category_id": 5, "bbox": [1, 2, 10, 5], "score": 0.99}]
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = COCO(ann_file)
+    assert coco_evaluate(dataset.coco_gt(), results, dataset.image_ids) == coco_evaluate(reference, results,
+                                                                                         dataset.image_ids)

@@ -1,6 +1,7 @@
 import os
 import shutil
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +10,14 @@ from elastic_det.config import DataConfig
 from elastic_det.data import VocDataset, build_dataset
 from elastic_det.errors import DataError
 
-BCCD = "/work/shared/datasets/BCCD"
-pytestmark = pytest.mark.skipif(not os.path.isdir(BCCD), reason="BCCD dataset not available")
+# The shared copy beside the repository (../shared/datasets/BCCD); these tests fail, not skip, without it.
+BCCD = str(Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "BCCD")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def bccd_present():
+    assert os.path.isdir(BCCD), (f"The BCCD dataset is missing: expected it at {BCCD} (../shared/datasets/BCCD "
+                                 f"relative to the repository; see README, Data).")
 
 
 def split_ids(split):
@@ -126,3 +133,35 @@ def test_build_dataset_val_uses_the_training_classes(tmp_path):
     cfg = DataConfig(type="voc", root=str(root))
     assert build_dataset(cfg, "val").class_names == build_dataset(cfg, "train").class_names == [
         "Platelets", "RBC", "WBC"]
+
+
+@pytest.mark.parametrize("corner, value, message", [
+    ("xmin", "nan", r"has a non-finite box \[nan, "),
+    ("xmax", "-inf", r"has a non-finite box \[\d+\.0, \d+\.0, -inf, "),
+    ("xmax", "1", r"has a box with negative width or height \[\d+\.0, \d+\.0, 1\.0, \d+\.0\] "
+                  r"\(boxes are xmin ymin xmax ymax\)"),
+])
+def test_non_finite_and_negative_boxes_name_the_file_the_object_and_the_value(tmp_path, corner, value, message):
+    root = copy_voc(tmp_path, ["BloodImage_00001", "BloodImage_00003"])
+    path = root / "Annotations" / "BloodImage_00003.xml"
+    tree = ET.parse(path)
+    tree.getroot().findall("object")[2].find("bndbox").find(corner).text = value
+    tree.write(path)
+    with pytest.raises(DataError, match=rf"VOC annotation .*BloodImage_00003.xml: object 2 {message}"):
+        VocDataset(str(root), "train")
+
+
+def test_bccd_index_is_cached_and_rebuilt_when_an_xml_changes(tmp_path):
+    from elastic_det.data.source import DataSource
+
+    root = copy_voc(tmp_path, ["BloodImage_00001", "BloodImage_00003"])
+    source = DataSource(str(tmp_path / "cache"))
+    first = VocDataset(str(root), "train", source=source)
+    again = VocDataset(str(root), "train", source=DataSource(str(tmp_path / "cache")))
+    assert again.image_ids == first.image_ids and again.coco_gt().dataset == first.coco_gt().dataset
+    path = root / "Annotations" / "BloodImage_00003.xml"
+    tree = ET.parse(path)
+    tree.getroot().findall("object")[0].find("name").text = "Neutrophil"
+    tree.write(path)
+    changed = VocDataset(str(root), "train", source=DataSource(str(tmp_path / "cache")))
+    assert "Neutrophil" in changed.class_names and "Neutrophil" not in first.class_names
