@@ -108,7 +108,9 @@ done
 set -m
 tasks=()
 for ((i = 0; i < nodes; i++)); do
-  SLURM_STEP_ID=0 SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" &
+  dir=$STANDIN_DIR
+  if [[ -n "${STANDIN_TASK_DIRS:-}" ]]; then dir=$STANDIN_DIR/task$i; mkdir -p "$dir"; fi
+  STANDIN_DIR=$dir SLURM_STEP_ID=0 SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 "$@" &
   tasks+=($!)
 done
 tree() { local c; for c in $(pgrep -P "$1"); do echo "$c"; tree "$c"; done; }
@@ -589,6 +591,32 @@ def test_sbatch_builds_each_nodes_command(launcher, procs, tmp_path):
     for directive in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --ntasks-per-node=1",
                       "#SBATCH --open-mode=append", "#SBATCH --cpus-per-task=64"):
         assert directive in header.splitlines()
+
+
+def test_sbatch_through_the_real_launcher_and_supervisor_to_torchrun(standins, procs, tmp_path):
+    """node.sh -> elastic_run.sh -> the supervisor -> (stand-in) torchrun, on two "nodes": the command torchrun
+    itself gets carries is_host per node, the job's port and the grace period."""
+    bin_dir, rec = standins
+    work_dir = tmp_path / "work"
+    env = standin_env(standins, SLURM_JOB_ID=str(JOB_ID), SLURM_JOB_NODELIST="node[01-02]",
+                      SLURM_JOB_NUM_NODES="2", SLURM_RESTART_COUNT="0", SLURM_CPUS_PER_TASK="16",
+                      SLURM_SUBMIT_DIR=str(REPO), STANDIN_HOSTNAMES="node01 node02", STANDIN_TASK_DIRS="1",
+                      STANDIN_MODE="exit:0", PYTHON=PYTHON, TORCHRUN=str(bin_dir / "torchrun"),
+                      SUPERVISE_ARGS="--no-preflight", NPROC_PER_NODE="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    log = tmp_path / "job.log"
+    proc = procs.start(["bash", str(SBATCH), "default", "--work-dir", str(work_dir)], env, log, cwd=tmp_path)
+    assert finish(proc, 120, log) == 0, tail(log)
+    assert "--cpus-per-task=16" in calls(rec, "srun")[0].split()
+    for node_id in (0, 1):
+        got = recorded(rec / f"task{node_id}")
+        argv = got["argv"]
+        assert flag(argv, "--rdzv-conf").endswith(f",is_host={1 if node_id == 0 else 0}")
+        assert flag(argv, "--rdzv-endpoint") == f"node01:{PORT}"
+        assert got["env"]["ELASTIC_DET_GRACE_SECONDS"] == "300"
+        assert got["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+        assert argv[argv.index("-m"):] == ["-m", "elastic_det.train", "--work-dir", str(work_dir)]
+    assert requeues(rec) == []
 
 
 def test_sbatch_port_moves_on_when_the_jobs_port_is_taken(launcher, procs, tmp_path):
