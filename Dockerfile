@@ -19,7 +19,7 @@
 # ELASTIC_DET_GRACE_SECONDS equal to that --time (-e ELASTIC_DET_GRACE_SECONDS=180).
 #
 # Layers: the dependencies are installed from pyproject.toml alone, before the package is copied, so a code
-# change rebuilds only the small layers after it.
+# change rebuilds only the small layers after it. `COPY --chmod` needs BuildKit (Docker >= 23's default).
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
