@@ -59,7 +59,9 @@ PROBED = [
     ("data", "elastic_det.trainer:build_dataset"),
     ("model", "elastic_det.trainer:build_model"),
     ("checkpoint_found", "elastic_det.trainer:_find_checkpoint"),
+    ("checkpoint_found", "elastic_det.state:find_checkpoint"),
     ("restore", "elastic_det.trainer:_restore"),
+    ("restore", "elastic_det.state:restore"),
     ("first_compute", "elastic_det.runner.runner:Runner.run_step"),
 ]
 
@@ -201,15 +203,14 @@ def wait_until(condition, timeout: float = 300.0, what: str = "progress", interv
 class Cluster:
     """torchrun with 2 workers running the probe, in its own session; killed by PID at the end."""
 
-    def __init__(self, root: Path, options: list[str], max_restarts: int) -> None:
-        self.root, self.work, self.probes = root, root / "work", root / "probes"
+    def __init__(self, root: Path, tree: Path, cache: Path, options: list[str], max_restarts: int) -> None:
+        self.root, self.tree, self.work, self.probes = root, tree, root / "work", root / "probes"
         self.probes.mkdir(parents=True, exist_ok=True)
-        sys.path.insert(0, str(REPO / "tests"))
-        from helpers import base_env, torchrun_cmd
-
-        self.env = {**base_env(root / "cache"), PROBE_DIR_ENV: str(self.probes)}
-        args = ["--work-dir", str(self.work), "--cfg-options", f"data.shapes.cache_dir={root / 'cache'}",
+        self.env = {**tree_env(tree, cache), PROBE_DIR_ENV: str(self.probes)}
+        args = ["--work-dir", str(self.work), "--cfg-options", f"data.shapes.cache_dir={cache}",
                 "log.interval=1", "log.progress_bar=never", "train.max_steps=100000", *options]
+        from helpers import torchrun_cmd
+
         cmd = torchrun_cmd(2, args, max_restarts=max_restarts)
         module = cmd.index("-m", cmd.index("--monitor-interval=0.2"))
         self.cmd = [*cmd[:module], str(Path(__file__).resolve()), "--probe", *cmd[module + 2:]]
@@ -218,7 +219,7 @@ class Cluster:
 
     def launch(self) -> subprocess.Popen:
         with open(self.root / f"torchrun-{len(self.agents)}.log", "ab") as log:
-            agent = subprocess.Popen(self.cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            agent = subprocess.Popen(self.cmd, env=self.env, cwd=self.tree, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.agents.append(agent)
         return agent
@@ -286,8 +287,9 @@ def worker_phases(spawned: float, marks: dict[int, dict[str, float]], first_step
     return out
 
 
-def bench_sigkill(root: Path, restarts: int, options: list[str]) -> tuple[list[dict], list[dict]]:
-    c = Cluster(root, options, max_restarts=restarts + 1)
+def bench_sigkill(root: Path, tree: Path, cache: Path, restarts: int,
+                  options: list[str]) -> tuple[list[dict], list[dict]]:
+    c = Cluster(root, tree, cache, options, max_restarts=restarts + 1)
     rows, detail = [], []
     try:
         agent = c.launch()
@@ -332,8 +334,8 @@ def bench_sigkill(root: Path, restarts: int, options: list[str]) -> tuple[list[d
     return rows, detail
 
 
-def bench_sigterm(root: Path, restarts: int, options: list[str]) -> list[dict]:
-    c = Cluster(root, options, max_restarts=1)
+def bench_sigterm(root: Path, tree: Path, cache: Path, restarts: int, options: list[str]) -> list[dict]:
+    c = Cluster(root, tree, cache, options, max_restarts=1)
     rows = []
     try:
         agent = c.launch()
@@ -389,29 +391,59 @@ def table(title: str, rows: list[dict], width: int = 9) -> str:
     return "\n".join(lines)
 
 
-def restart_section(root: Path, restarts: int) -> None:
-    options = ["checkpoint.interval=5"]
-    # generate the shapes set once, outside the timed runs
-    sys.path.insert(0, str(REPO / "tests"))
+def tree_env(tree: Path, cache: Path) -> dict[str, str]:
+    """The tests' environment for a torchrun job, importing elastic_det from ``tree``."""
     from helpers import base_env
 
+    return {**base_env(cache), "PYTHONPATH": str(tree)}
+
+
+def export_tree(rev: str, into: Path) -> Path:
+    """The files of commit ``rev`` (``git archive``), to time the code as it was."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def restart_section(root: Path, restarts: int, baseline: str | None) -> None:
+    options = ["checkpoint.interval=5"]
+    cache = root / "cache"
+    trees = [("after (this checkout)", REPO)]
+    if baseline:
+        trees.insert(0, (f"before ({baseline})", export_tree(baseline, root / "baseline")))
+    # generate the shapes set once, outside the timed runs
     subprocess.run([sys.executable, "-m", "elastic_det.train", "--work-dir", str(root / "warmup"), "--cfg-options",
-                    f"data.shapes.cache_dir={root / 'cache'}", "train.max_steps=1", "train.validate=false",
-                    "log.progress_bar=never"], env=base_env(root / "cache"), cwd=REPO, check=True,
+                    f"data.shapes.cache_dir={cache}", "train.max_steps=1", "train.validate=false",
+                    "log.progress_bar=never"], env=tree_env(REPO, cache), cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t = time.time()
-    kill, detail = bench_sigkill(root / "kill", restarts, options)
-    term = bench_sigterm(root / "term", restarts, options)
+    t, load = time.time(), os.getloadavg()[0]
+    results = {}
+    for i, (label, tree) in enumerate(trees):
+        kill, detail = bench_sigkill(root / f"kill-{i}", tree, cache, restarts, options)
+        term = bench_sigterm(root / f"term-{i}", tree, cache, restarts, options)
+        results[label] = (kill, detail, term)
     print(f"embedded default (tiny FCOS, shapes), torchrun --nproc-per-node 2, gloo, {os.cpu_count()} CPUs, "
-          f"load average before {os.getloadavg()[0]:.1f}; {', '.join(options)}, log.interval=1\n")
-    print(table("SIGKILL of a worker -> next training step (target: median total <= 5 s)", kill))
-    for i, d in enumerate(detail):
-        print(f"  run {i + 1}: survivor got SIGTERM at {d['survivor_signal']:.2f}s, "
-              f"ended with {d['survivor_end'] or 'no exception'}" + (f"; ledger {d['ledger']}" if d["ledger"] else ""))
-    print()
-    print(table("SIGTERM preemption -> relaunch -> next training step (target: median total <= 6 s)", term))
-    print(f"\n  median total: SIGKILL {statistics.median(r['total'] for r in kill):.2f} s (target 5), "
-          f"SIGTERM {statistics.median(r['total'] for r in term):.2f} s (target 6); bench {time.time() - t:.0f}s\n")
+          f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; {', '.join(options)}, "
+          "log.interval=1\n")
+    for label, (kill, detail, term) in results.items():
+        print(f"== {label}")
+        print(table("SIGKILL of a worker -> next training step (target: median total <= 5 s)", kill))
+        for i, d in enumerate(detail):
+            ledger = ", ".join(f"{k} {v:.2f}s" for k, v in d["ledger"].items())
+            print(f"  run {i + 1}: survivor got SIGTERM at {d['survivor_signal']:.2f}s, "
+                  f"ended with {d['survivor_end'] or 'no exception'}" + (f"; ledger.jsonl: {ledger}" if ledger else ""))
+        print()
+        print(table("SIGTERM preemption -> relaunch -> next training step (target: median total <= 6 s)", term))
+        print()
+    medians = {label: {case: statistics.median(r["total"] for r in rows) for case, rows in
+                       (("kill", kill), ("term", term))} for label, (kill, _, term) in results.items()}
+    for label, m in medians.items():
+        print(f"  {label}: median total SIGKILL {m['kill']:.2f} s (target 5), SIGTERM {m['term']:.2f} s (target 6)")
+    if baseline:
+        (before, b), (after, a) = medians.items()
+        print(f"  after / before: SIGKILL {a['kill'] / b['kill']:.2f}, SIGTERM {a['term'] / b['term']:.2f}")
+    print(f"  bench {time.time() - t:.0f}s\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -480,15 +512,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["restart", "lost", "all"], default="all")
     p.add_argument("--restarts", type=int, default=3, help="restarts per case in the phase tables")
+    p.add_argument("--baseline", metavar="REV", help="also time the restarts of commit REV (git archive), first")
     p.add_argument("--kills", type=int, default=3)
     p.add_argument("--interval", type=int, default=5)
     p.add_argument("--keep", action="store_true", help="keep the work dirs, probe files and torchrun logs")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.path.insert(0, str(REPO / "tests"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     try:
         if args.only in ("restart", "all"):
-            restart_section(tmp / "restart", args.restarts)
+            restart_section(tmp / "restart", args.restarts, args.baseline)
         if args.only in ("lost", "all"):
             lost_section(tmp / "lost", args.kills, args.interval)
     finally:
