@@ -54,8 +54,9 @@ def write(directory: Path, rank: str, exit_code: int, message: str) -> Path:
     return final
 
 
-def read_final(directory: Path) -> tuple[int, str] | None:
+def read_final(directory: str | Path) -> tuple[int, str] | None:
     """The first final ``(exit_code, message)`` reported in ``directory`` (by rank order), or None."""
+    directory = Path(directory)
     try:
         names = sorted(p for p in os.listdir(directory) if p.startswith("rank-") and p.endswith(".json"))
     except OSError:

@@ -46,7 +46,7 @@ from .errors import (
     InfrastructureError,
 )
 from .storage import WorkDir
-from .supervise_checks import Target, check_torch, committed_step, resolve, work_dir_hint
+from .supervise_checks import Target, check_torch, committed_step, progress_store, resolve, work_dir_hint
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 FORWARD_AS = {signal.SIGUSR1: signal.SIGUSR1, signal.SIGUSR2: signal.SIGUSR2}  # the rest go on as SIGTERM
@@ -115,6 +115,7 @@ class Supervisor:
         self.later_signals: list[int] = []
         self.log = AttemptLog(None)
         self.best_step = 0  # the newest committed step seen so far
+        self.store = None
 
     # ------------------------------------------------------------------------------------------------
     # Signals only record and wake the main loop, which forwards (printing in a handler can deadlock).
@@ -176,6 +177,7 @@ class Supervisor:
                 self.log = AttemptLog(work_dir_hint(self.command, self.opts.work_dir))
                 return None, self._fail(e)
             self.log = AttemptLog(target.work_dir)
+            self.store = progress_store(target.work_dir)
             if target.work_dir is None:
                 say("no elastic_det.train in the command and no --work-dir: progress cannot be seen, so every "
                     "failed attempt counts as one without progress")
@@ -183,12 +185,12 @@ class Supervisor:
 
     def _attempt(self, n: int, target: Target, stalled: int) -> tuple[int | None, bool]:
         """Run COMMAND once; the supervisor's exit code (None: retry) and whether a new step was committed."""
-        before = committed_step(target.work_dir)
+        before = committed_step(self.store)
         self.log.event("attempt_start", attempt=n, committed_step=before)
         say(f"attempt {n}: starting {self.command[0]} (committed step {_show(before)})")
         started = time.monotonic()
         rc, final = self._run_command()
-        after = committed_step(target.work_dir)
+        after = committed_step(self.store)
         progressed = after is not None and after > max(before or 0, self.best_step)
         self.best_step = max(self.best_step, after or 0, before or 0)
         gained = (after - before) if after is not None and before is not None else 0
@@ -227,15 +229,13 @@ class Supervisor:
             say(f"cannot start {self.command[0]}: {e}")
             return 127, None
         threading.Thread(target=lambda: (proc.wait(), self.wake.set()), name="command-wait", daemon=True).start()
-        forwarded, final, kill_at, reported = False, None, None, 0
+        forwarded, final, kill_at = False, None, None
         try:
             while proc.returncode is None:
                 if self.signal_got is not None and not forwarded:
                     forwarded = True
                     kill_at = self._forward(proc.pid, self.signal_got)
-                for sig in self.later_signals[reported:]:
-                    say(f"got {_name(sig)}; already stopping after {_name(self.signal_got)}, not forwarding it")
-                reported = len(self.later_signals)
+                self._note_later_signals()
                 if final is None:
                     final = exit_status.read_final(exit_dir)
                     if final is not None:
@@ -251,12 +251,18 @@ class Supervisor:
                 self.wake.clear()
             if final is None:
                 final = exit_status.read_final(exit_dir)
+            self._note_later_signals()
         finally:
             if proc.returncode is None:  # the supervisor itself failed: leave nothing running
                 _killpg(proc.pid, signal.SIGKILL)
             shutil.rmtree(exit_dir, ignore_errors=True)
         rc = proc.returncode
         return (128 - rc if rc < 0 else rc), final
+
+    def _note_later_signals(self) -> None:
+        while self.later_signals:
+            sig = self.later_signals.pop(0)
+            say(f"got {_name(sig)}; already stopping after {_name(self.signal_got)}, not forwarding it")
 
     def _forward(self, pid: int, got: int) -> float:
         """Forward the first signal to COMMAND's process group; when to SIGKILL it."""

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import ElasticDetError, UserError
 from .storage import WorkDir
+
+if TYPE_CHECKING:
+    from .checkpoint.store import CheckpointStore
 
 TORCH_FLOOR = (2, 12)
 TORCHVISION_FLOOR = (0, 27)  # the torchvision release paired with TORCH_FLOOR
@@ -100,17 +104,22 @@ def resolve(command: list[str], work_dir: str | None, preflight: bool) -> Target
     return target
 
 
-def committed_step(work_dir: WorkDir | None) -> int | None:
-    """The newest committed checkpoint step (0 when none), None when the work dir cannot be listed.
-
-    Only lists manifests (as discovery does before verifying); nothing is loaded.
-    """
-    if work_dir is None:
-        return None
+def progress_store(work_dir: WorkDir | None) -> CheckpointStore | None:
+    """The store whose manifests tell progress (one per run: it remembers the manifests it has read)."""
     from .checkpoint.store import CheckpointStore
 
+    return CheckpointStore(work_dir) if work_dir is not None else None
+
+
+def committed_step(store: CheckpointStore | None) -> int | None:
+    """The newest committed checkpoint step (0 when none), None when the work dir cannot be listed.
+
+    Lists the manifests (as discovery does before verifying); no checkpoint data is read.
+    """
+    if store is None:
+        return None
     try:
-        steps = CheckpointStore(work_dir).committed_steps()
+        steps = store.committed_steps()
     except (ElasticDetError, OSError):
         return None
     return steps[-1] if steps else 0

@@ -1,0 +1,395 @@
+"""The supervisor (elastic_det.supervise, issue 8): the one place that decides whether to start torchrun again.
+
+- Units (fast): the supervisor runs a stand-in COMMAND (a small Python script that commits fake checkpoint
+  manifests, exits as told, reports final codes through ELASTIC_DET_EXIT_DIR, records the signals it gets):
+  exit classification, stall counting and the give-up code, progress resetting the count, a final code
+  stopping the command, signals forwarded once to the command's own process group, the attempt log (local
+  and S3), the torch floor, and the worker side of the exit-status channel.
+- End to end (slow), under the real supervisor and the real torchrun:
+  - the long life: two supervised agents as two nodes; a seeded chaos loop plays the scheduler with
+    preemptions (SIGTERM to a node's supervisor, restarted after its 143) and hard kills (a worker, or a
+    whole node's process tree, restarted), several of them of the node hosting the rendezvous store; the
+    run finishes at max_steps, every resume is at a committed step, and both nodes end 0;
+  - giving up with exit 4 when no attempt can commit (the S3 endpoint goes away after the first commit);
+  - a bad config: exit 2 from the pre-flight, torchrun started zero times;
+  - a bad input only the workers find (a corrupt --resume checkpoint): exit 2 through the exit dir, and
+    torchrun did not restart its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import (
+    PYTHON,
+    REPO,
+    alive,
+    base_env,
+    read_jsonl,
+    wait_for,
+)
+
+from elastic_det import exit_status
+from elastic_det.checkpoint.manifest import Manifest
+from elastic_det.errors import NO_PROGRESS_EXIT_CODE, PREEMPTED_EXIT_CODE
+from elastic_det.storage import WorkDir
+from elastic_det.supervise import Options, Supervisor, default_stop_timeout, parse_cli
+from elastic_det.supervise_checks import (
+    TORCH_FLOOR,
+    TORCHVISION_FLOOR,
+    UnsupportedTorchError,
+    check_torch,
+    committed_step,
+    find_train_args,
+    progress_store,
+)
+
+ELASTIC_RUN = REPO / "launch" / "elastic_run.sh"
+
+# ----------------------------------------------------------------------------------------------------------
+# A stand-in COMMAND. Its plan (plan.json in its dir) has one entry per attempt (the last one repeats):
+#   clear: true   delete the work dir's checkpoints first
+#   commit: N     commit step N in the work dir: a data object and its manifest (what discovery lists)
+#   final: N      report final exit code N through ELASTIC_DET_EXIT_DIR (as train.py does) and wait
+#   wait: true    wait for a signal, "save" for 0.3 s (recording any further signal), then exit
+#   deaf: true    ignore SIGTERM (the supervisor must SIGKILL it)
+#   exit: N       the exit code [0; with final: N]
+# It appends "pid pgid" to runs.txt when it starts and each signal's name to signals.txt.
+
+STANDIN = """
+import json, os, shutil, signal, sys, time
+here, work, repo = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, repo)
+from pathlib import Path
+from elastic_det import exit_status  # a light import: no torch, so the stand-in starts fast
+plan = json.load(open(os.path.join(here, "plan.json")))
+with open(os.path.join(here, "runs.txt"), "a") as f:
+    f.write(f"{os.getpid()} {os.getpgid(0)}\\n")
+n = len(open(os.path.join(here, "runs.txt")).read().split()) // 2 - 1
+step = plan[min(n, len(plan) - 1)]
+got = []
+
+def handler(signum, frame):
+    got.append(signum)
+    with open(os.path.join(here, "signals.txt"), "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(s, handler)
+if step.get("deaf"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if step.get("clear"):
+    shutil.rmtree(os.path.join(work, "checkpoints"))
+if "commit" in step:
+    d = os.path.join(work, "checkpoints", "step-%08d" % step["commit"])
+    os.makedirs(d, exist_ok=True)
+    open(os.path.join(d, "state-0.pt"), "wb").write(b"x")
+    open(os.path.join(d, "manifest.json"), "w").write(step["manifest"])
+if "final" in step:
+    exit_status.write(Path(os.environ[exit_status.EXIT_DIR_ENV]), "0", step["final"], "bad input: culprit.yaml")
+    step.setdefault("exit", step["final"])
+if step.get("wait") or "final" in step:
+    deadline = time.monotonic() + 60
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+sys.exit(step.get("exit", 0))
+"""
+
+
+class Standin:
+    def __init__(self, tmp_path: Path, plan: list[dict]):
+        self.dir = tmp_path / "standin"
+        self.dir.mkdir()
+        self.work = tmp_path / "work"
+        for entry in plan:
+            if "commit" in entry:
+                entry["manifest"] = Manifest(step=entry["commit"], data="state-0.pt", size=1, sha256="0" * 64).to_json()
+        (self.dir / "plan.json").write_text(json.dumps(plan))
+        (self.dir / "standin.py").write_text(STANDIN)
+        self.command = [PYTHON, str(self.dir / "standin.py"), str(self.dir), str(self.work), str(REPO)]
+
+    def runs(self) -> list[tuple[int, int]]:
+        path = self.dir / "runs.txt"
+        words = path.read_text().split() if path.exists() else []
+        return [(int(words[i]), int(words[i + 1])) for i in range(0, len(words), 2)]
+
+    def signals(self) -> list[str]:
+        path = self.dir / "signals.txt"
+        return path.read_text().split() if path.exists() else []
+
+
+def supervise_in_process(standin: Standin, **options) -> tuple[int, list[dict]]:
+    options.setdefault("backoff_s", 0.05)
+    options.setdefault("poll_s", 0.05)
+    supervisor = Supervisor(Options(work_dir=str(standin.work), **options), standin.command)
+    code = supervisor.run()
+    return code, attempt_log(standin.work)
+
+
+def attempt_log(work_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted((work_dir / "supervisor").glob("*.jsonl")):
+        records += read_jsonl(path)
+    return records
+
+
+def ends(records: list[dict]) -> list[tuple]:
+    return [(r["exit_code"], r["committed_step"], r["steps_gained"], r["decision"]) for r in records
+            if r["event"] == "attempt_end"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exit classification, stall counting, giving up
+
+
+@pytest.mark.parametrize("code, decision", [(0, "done"), (2, "final"), (3, "final")])
+def test_done_and_final_codes_end_the_first_attempt(tmp_path, code, decision):
+    standin = Standin(tmp_path, [{"commit": 4, "exit": code}])
+    result, log = supervise_in_process(standin)
+    assert result == code
+    assert ends(log) == [(code, 4, 4, decision)]
+    assert len(standin.runs()) == 1
+
+
+@pytest.mark.parametrize("code", [1, 75, 143, 137])
+def test_gives_up_after_k_attempts_in_a_row_without_a_commit(tmp_path, capfd, code):
+    standin = Standin(tmp_path, [{"exit": code}])
+    result, log = supervise_in_process(standin, max_stalled_attempts=3)
+    assert result == NO_PROGRESS_EXIT_CODE == 4
+    assert ends(log) == [(code, 0, 0, "retry"), (code, 0, 0, "retry"), (code, 0, 0, "give_up")]
+    assert [r["attempt"] for r in log if r["event"] == "attempt_start"] == [1, 2, 3]
+    err = capfd.readouterr().err
+    assert f"3 attempts in a row committed no new checkpoint to {standin.work}" in err
+    assert f"the last one exited {code}" in err
+
+
+def test_progress_resets_the_stall_count(tmp_path):
+    """Five failures in a row are retried while each one commits; then K=2 without a commit give up."""
+    plan = [{"commit": 2, "exit": 1}, {"commit": 4, "exit": 143}, {"commit": 6, "exit": 75},
+            {"commit": 8, "exit": 1}, {"commit": 10, "exit": 137}, {"exit": 1}]
+    standin = Standin(tmp_path, plan)
+    result, log = supervise_in_process(standin, max_stalled_attempts=2)
+    assert result == 4
+    assert ends(log) == [(1, 2, 2, "retry"), (143, 4, 2, "retry"), (75, 6, 2, "retry"), (1, 8, 2, "retry"),
+                         (137, 10, 2, "retry"), (1, 10, 0, "retry"), (1, 10, 0, "give_up")]
+
+
+def test_progress_is_a_step_newer_than_any_seen_before(tmp_path):
+    """A step that is not newer than one already seen (e.g. after the newest was deleted) is no progress."""
+    plan = [{"commit": 6, "exit": 1}, {"clear": True, "commit": 4, "exit": 1}, {"commit": 5, "exit": 1},
+            {"commit": 5, "exit": 1}]
+    standin = Standin(tmp_path, plan)
+    result, log = supervise_in_process(standin, max_stalled_attempts=3)
+    assert result == 4
+    assert ends(log) == [(1, 6, 6, "retry"), (1, 4, -2, "retry"), (1, 5, 1, "retry"), (1, 5, 0, "give_up")]
+
+
+def test_a_final_code_reported_by_a_worker_stops_the_command_at_once(tmp_path, capfd):
+    standin = Standin(tmp_path, [{"final": 2}])
+    start = time.monotonic()
+    result, log = supervise_in_process(standin, stop_timeout_s=30)
+    assert result == 2
+    assert time.monotonic() - start < 20  # not the stand-in's 60 s hang, not the stop timeout
+    assert ends(log) == [(2, 0, 0, "final")]
+    ((pid, _),) = standin.runs()
+    assert not alive(pid)
+    assert standin.signals() == ["SIGTERM"]
+    err = capfd.readouterr().err
+    assert err.count("bad input: culprit.yaml") == 1
+    assert "final exit code 2" in err
+
+
+def test_a_command_deaf_to_sigterm_is_killed_after_the_stop_timeout(tmp_path):
+    standin = Standin(tmp_path, [{"final": 3, "deaf": True}])
+    start = time.monotonic()
+    result, log = supervise_in_process(standin, stop_timeout_s=1.0)
+    assert result == 3
+    assert 1.0 <= time.monotonic() - start < 20
+    assert ends(log) == [(128 + signal.SIGKILL, 0, 0, "final")]
+
+
+def test_the_exit_status_channel_from_the_worker_side(tmp_path):
+    """report(): nothing for retryable codes or without a supervisor; a final code is written atomically,
+    then the worker waits for the stop signal (so torchrun never sees it fail and never restarts it)."""
+    script = ("import sys, time; from elastic_det import exit_status; t = time.monotonic(); "
+              "exit_status.report(int(sys.argv[1]), 'bad: x'); print(round(time.monotonic() - t, 2))")
+    env = base_env(tmp_path, **{exit_status.EXIT_DIR_ENV: str(tmp_path), "RANK": "3"})
+    quick = subprocess.run([PYTHON, "-c", script, "75"], env=env, capture_output=True, text=True, timeout=60)
+    assert quick.returncode == 0 and not list(tmp_path.glob("rank-*"))
+    proc = subprocess.Popen([PYTHON, "-c", script, "2"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "rank-3.json").exists(), 60, "the exit-status file")
+        assert exit_status.read_final(tmp_path) == (2, "bad: x")
+        assert proc.poll() is None  # lingering until told to stop
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert float(proc.stdout.read()) < exit_status.LINGER_S
+    finally:
+        proc.kill()
+        proc.wait()
+    (tmp_path / "rank-0.json").write_text("{not json")  # a torn or foreign file is skipped
+    assert exit_status.read_final(tmp_path) == (2, "bad: x")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Signals: the supervisor as a process, the stand-in as its COMMAND
+
+
+def start_supervisor(procs, standin: Standin, tmp_path: Path, *options: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "supervisor.log"
+    cmd = [PYTHON, "-m", "elastic_det.supervise", "--work-dir", str(standin.work), "--backoff", "0.05",
+           *options, "--", *standin.command]
+    return procs.start(cmd, base_env(tmp_path), log), log
+
+
+def tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
+
+
+@pytest.mark.parametrize("sig, forwarded", [
+    (signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGTERM"), (signal.SIGHUP, "SIGTERM"),
+    (signal.SIGUSR1, "SIGUSR1"), (signal.SIGUSR2, "SIGUSR2"),
+])
+def test_the_first_signal_is_forwarded_once_and_ends_in_143(procs, tmp_path, sig, forwarded):
+    standin = Standin(tmp_path, [{"commit": 3, "wait": True, "exit": 1}])  # torchrun exits 1 after a signal
+    proc, log = start_supervisor(procs, standin, tmp_path)
+    wait_for(standin.runs, 60, "the command to start")
+    ((pid, pgid),) = standin.runs()
+    assert pgid == pid != os.getpgid(proc.pid)  # its own process group
+    proc.send_signal(sig)
+    wait_for(standin.signals, 10, "the forwarded signal")
+    proc.send_signal(sig)  # repeated while the command "saves": not forwarded (it would abort torchrun's wait)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == PREEMPTED_EXIT_CODE, tail(log)
+    assert standin.signals() == [forwarded]
+    assert len(standin.runs()) == 1  # no further attempt
+    assert ends(attempt_log(standin.work)) == [(1, 3, 3, "preempted")]
+    assert "not forwarding it" in log.read_text()
+
+
+def test_ctrl_c_to_the_whole_terminal_group_reaches_the_command_once(procs, tmp_path):
+    """A terminal's Ctrl-C signals the foreground process group: the supervisor's. torchrun, in its own
+    group, gets one SIGTERM from the supervisor and not the SIGINT too."""
+    standin = Standin(tmp_path, [{"wait": True, "exit": 1}])
+    proc, log = start_supervisor(procs, standin, tmp_path)
+    wait_for(standin.runs, 60, "the command to start")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == PREEMPTED_EXIT_CODE, tail(log)
+    assert standin.signals() == ["SIGTERM"]
+
+
+def test_without_forwarding_the_supervisor_waits_for_the_scheduler_signalled_command(procs, tmp_path):
+    """--no-forward-signals (inside a Slurm step, slurmstepd signals every process itself)."""
+    standin = Standin(tmp_path, [{"wait": True, "exit": 1}])
+    proc, log = start_supervisor(procs, standin, tmp_path, "--no-forward-signals")
+    wait_for(standin.runs, 60, "the command to start")
+    ((pid, _),) = standin.runs()
+    proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "not forwarding" in log.read_text(), 10, "the supervisor to note the signal")
+    assert standin.signals() == []
+    os.kill(pid, signal.SIGUSR1)  # slurmstepd
+    assert proc.wait(timeout=30) == PREEMPTED_EXIT_CODE, tail(log)
+    assert standin.signals() == ["SIGUSR1"]
+
+
+def test_a_signal_during_the_backoff_stops_without_another_attempt(procs, tmp_path):
+    standin = Standin(tmp_path, [{"exit": 1}])
+    proc, log = start_supervisor(procs, standin, tmp_path, "--backoff", "60")
+    wait_for(lambda: "retry" in log.read_text(), 60, "the first attempt to fail")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == PREEMPTED_EXIT_CODE, tail(log)
+    assert len(standin.runs()) == 1
+
+
+def test_elastic_run_retries_a_torchrun_failure_and_gives_up_without_progress(procs, tmp_path):
+    """launch/elastic_run.sh execs the supervisor: torchrun's 1 is retried, never passed on as 1."""
+    standin = Standin(tmp_path, [{"exit": 1}])
+    fake = tmp_path / "torchrun"
+    fake.write_text(f"#!/bin/sh\nexec {PYTHON} {' '.join(standin.command[1:])} \"$@\"\n")
+    fake.chmod(0o755)
+    env = base_env(tmp_path, TORCHRUN=str(fake), PYTHON=PYTHON, MAX_STALLED_ATTEMPTS="2",
+                   SUPERVISE_ARGS=f"--backoff 0.05 --work-dir {standin.work}")
+    log = tmp_path / "run.log"
+    proc = procs.start([str(ELASTIC_RUN), "--standalone", "x.py"], env, log)
+    assert proc.wait(timeout=60) == NO_PROGRESS_EXIT_CODE, tail(log)
+    assert len(standin.runs()) == 2
+    record = attempt_log(standin.work)[0]
+    assert set(record) == {"event", "time", "attempt", "committed_step", "host"}  # nothing from the environment
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small parts
+
+
+def test_find_train_args():
+    args = ["cfg.yaml", "--work-dir", "w"]
+    assert find_train_args(["torchrun", "--nnodes=1:2", "-m", "elastic_det.train", *args]) == args
+    assert find_train_args([PYTHON, "-m", "torch.distributed.run", "--module", "elastic_det.train", *args]) == args
+    assert find_train_args(["python", "-m", "elastic_det.train"]) == []
+    assert find_train_args(["torchrun", "--no-python", "elastic-det-train", *args]) == args
+    assert find_train_args(["torchrun", "x.py", "elastic_det.train"]) is None
+    assert default_stop_timeout(["torchrun", "--shutdown-timeout", "90", "-m", "elastic_det.train"]) == 120
+    assert default_stop_timeout(["torchrun", "--shutdown-timeout=10", "x.py"]) == 40
+
+
+def test_cli_needs_a_command():
+    opts, command = parse_cli(["--max-stalled-attempts", "5", "--no-preflight", "--", "torchrun", "--", "x"])
+    assert (opts.max_stalled_attempts, opts.preflight, command) == (5, False, ["torchrun", "--", "x"])
+    for argv in ([], ["--max-stalled-attempts", "2"], ["--max-stalled-attempts", "0", "--", "x"]):
+        with pytest.raises(SystemExit) as e:
+            parse_cli(argv)
+        assert e.value.code == 2
+
+
+def test_torch_floor():
+    check_torch("2.12.0")
+    check_torch("2.14.1+cu130")
+    with pytest.raises(UnsupportedTorchError) as e:
+        check_torch("2.11.0")
+    assert "torch 2.11.0 is installed" in str(e.value) and ">= 2.12" in str(e.value)
+    assert e.value.exit_code == 2
+    deps = (REPO / "pyproject.toml").read_text()
+    assert f'"torch>={TORCH_FLOOR[0]}.{TORCH_FLOOR[1]}"' in deps
+    assert f'"torchvision>={TORCHVISION_FLOOR[0]}.{TORCHVISION_FLOOR[1]}"' in deps
+
+
+def test_an_old_torch_stops_before_the_command(tmp_path):
+    standin = Standin(tmp_path, [{"exit": 0}])
+    code = ("import sys, torch; torch.__version__ = '2.9.1'; from elastic_det.supervise import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([PYTHON, "-c", code, "--work-dir", str(standin.work), "--", *standin.command],
+                            env=base_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "torch 2.9.1 is installed" in result.stderr and "torch>=2.12" in result.stderr
+    assert standin.runs() == []
+
+
+def test_committed_step_reads_manifests_only(tmp_path):
+    store = progress_store(WorkDir(str(tmp_path)))
+    assert committed_step(store) == 0
+    step5, step7 = tmp_path / "checkpoints" / "step-00000005", tmp_path / "checkpoints" / "step-00000007"
+    step5.mkdir(parents=True)
+    step7.mkdir()
+    (step7 / "state-0.pt").write_bytes(b"data, never committed")  # no manifest: killed mid-write
+    (step5 / "state-0.pt").write_bytes(b"x")
+    (step5 / "manifest.json").write_text(Manifest(step=5, data="state-0.pt", size=1, sha256="0" * 64).to_json())
+    assert committed_step(store) == 5  # the data is not read (its sha256 is wrong)
+    assert committed_step(None) is None
+
+
+def test_the_attempt_log_on_s3_is_rewritten_whole(s3_bucket, tmp_path):
+    standin = Standin(tmp_path, [{"exit": 1}, {"exit": 0}])
+    supervisor = Supervisor(Options(work_dir=f"{s3_bucket}/run", backoff_s=0.05, poll_s=0.05), standin.command)
+    assert supervisor.run() == 0
+    wd = WorkDir(f"{s3_bucket}/run")
+    (name,) = wd.listdir("supervisor")
+    lines = [json.loads(line) for line in wd.read_bytes(f"supervisor/{name}").decode().splitlines()]
+    assert [(r["event"], r.get("decision")) for r in lines] == [
+        ("attempt_start", None), ("attempt_end", "retry"), ("attempt_start", None), ("attempt_end", "done")]
