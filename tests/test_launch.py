@@ -659,6 +659,7 @@ def test_sbatch_overrides_and_an_empty_train_args_array(launcher, procs, tmp_pat
 @pytest.mark.parametrize("env, message", [
     ({"SHUTDOWN_TIMEOUT": "300"}, "must be below the grace period"),
     ({"MAX_REQUEUES": "many"}, "MAX_REQUEUES must be a whole number"),
+    ({"GRACE_SECONDS": "5m"}, "GRACE_SECONDS must be a whole number"),
 ])
 def test_sbatch_rejects_bad_settings(launcher, tmp_path, env, message):
     result = subprocess.run(["bash", str(SBATCH), "default"], env=slurm_env(launcher, **env), capture_output=True,
