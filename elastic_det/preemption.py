@@ -177,7 +177,11 @@ class PreemptionFlag:
                 return
             got = [b for b in data if b in numbers]
             if got:
-                self._arrived(signal.Signals(got[0]).name)
+                # Only the time: the main thread's handler names the signal (signals sent together reach
+                # threads in any order; its handlers run in signal-number order, as they always have).
+                heard = signal.Signals(got[0]).name
+                if self._signal_at is None:
+                    self._signal_at = time.monotonic()
                 break
         while True:  # a stop signal arrived: the main thread must leave any watched region in time
             watched, signal_at = self._watched, self._signal_at
@@ -185,8 +189,9 @@ class PreemptionFlag:
                 what, entered = watched
                 waited = time.monotonic() - max(entered, signal_at)
                 if waited >= self.deadline():
-                    self.stop_peer_lost(self.where(what), f"{self.signal_name} arrived and it did not finish within "
-                                              f"{waited:.1f} s: a collective whose peer is gone")
+                    name = self.signal_name or heard
+                    self.stop_peer_lost(self.where(what), f"{name} arrived and it did not finish within "
+                                                          f"{waited:.1f} s: a collective whose peer is gone")
             time.sleep(0.05)
 
 
