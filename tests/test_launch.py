@@ -30,9 +30,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import events, free_port, read_jsonl, wait_for
-
-yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
