@@ -438,3 +438,30 @@ def test_goodput_hook_writes_steps_and_how_the_attempt_ended(tmp_path, outcome):
     assert [(r["first"], r["last"]) for r in records if r["kind"] == "steps"] == [(10, runner.progress.global_step)]
     assert end.get("error") == ("RuntimeError" if outcome == "failed" else None)
     assert end.get("signal") == ("SIGTERM" if outcome == "preempted" else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real run
+
+
+def test_real_short_run_has_a_ledger_and_a_done_report(tmp_path, capsys):
+    from helpers import base_env, fast_overrides, run_train
+
+    work = tmp_path / "run"
+    env = base_env(tmp_path, ELASTIC_DET_LAUNCH_TIME="")  # no launcher time: wall starts at process start
+    args = ["--work-dir", str(work), "--cfg-options",
+            *fast_overrides(tmp_path / "data", "train.max_steps=6", "checkpoint.interval=3")]
+    result = run_train(args, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kinds = [json.loads(line)["kind"] for line in (work / LEDGER).read_text().splitlines()]
+    assert kinds[0] == "process_start" and kinds[-1] == "end"
+    assert {"dist_ready", "restore_done", "train_start", "first_step", "steps", "checkpoint"} <= set(kinds)
+    assert main([str(work), "--json", "-o", str(tmp_path / "report.png")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["ledger"] and d["status"] == "done" and d["final_step"] == 6 and d["lost_steps"] == 0
+    assert [a["how"] for a in d["attempts"]] == ["done"]
+    assert 0 < d["goodput"] < 1 and d["buckets"]["good"] > 0 and d["buckets"]["startup"] > 0
+    assert d["buckets"]["checkpoint"] > 0  # the saves at steps 3 and 6
+    assert sum(d["buckets"].values()) == pytest.approx(d["wall_seconds"], abs=0.01)
+    with Image.open(tmp_path / "report.png") as image:
+        assert image.format == "PNG"
