@@ -150,7 +150,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every K-th step
     async_save: bool = field(default=False, metadata=_key("async"))
     max_failures: int = 3  # consecutive failed saves before training stops
-    timeout_seconds: float = 30.0  # one object-store request waits at most this (x4 with retries), then fails
+    timeout_seconds: float = 10.0  # one object-store request waits at most this (x4 with retries), then fails
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (e.g. S3 endpoint)
 
 
