@@ -102,6 +102,7 @@ class FaultyS3:
         server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
         server.daemon_threads = True
         server.allow_reuse_address = True
+        server.request_queue_size = 128  # clients reconnect in bursts after resets
         server.server_bind()
         server.server_activate()
         self._server = server

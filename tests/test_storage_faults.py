@@ -4,6 +4,7 @@ object for a good one (nor a good one for a broken one)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 
@@ -206,3 +207,89 @@ def test_a_partial_object_under_a_manifest_is_never_loaded(url, proxy, s3_server
     assert checkpoint.manifest.step == 10
     assert [e["step"] for e in events] == [20] and "truncated" in events[0]["reason"]
     assert CheckpointStore(WorkDir(url, timeout=TIMEOUT)).committed_steps() == [10]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: torchrun, 2 processes, a work dir on S3 through the proxy, faults during saves
+
+
+E2E_TIMEOUT = 2.0  # checkpoint.timeout_seconds of the run
+E2E_EXTRA = 4 * E2E_TIMEOUT + 4 + 6  # what a failing request may add to a save: 4 tries, back-off, slack
+
+
+def save_holds(records: list[dict]) -> dict[int, float]:
+    """Step -> seconds from rank 0's train record of a save step to its checkpoint (or failure) event.
+
+    Rank 0 saves after logging the step; the other rank waits for it at the next collective, so this is
+    how long a save held every rank at the barrier.
+    """
+    logged = {r["step"]: r["time"] for r in records if r.get("mode") == "train"}
+    done = {r["step"]: r["time"] for r in records if r.get("event") in ("checkpoint", "checkpoint_failed")}
+    return {step: done[step] - logged[step] for step in done if step in logged}
+
+
+@pytest.mark.slow
+def test_training_under_storage_faults(tmp_path, s3_server, proxy, url, procs):
+    from helpers import base_env, fast_overrides, torchrun_cmd, wait_for
+
+    cache = tmp_path / "cache"
+    max_steps = 24
+    # each fault counts the requests it matches itself; retries count too
+    proxy.add(Fault("503", method="PUT", path=DATA_PUT, skip=1, times=1))  # retried: commits
+    proxy.add(Fault("reset_request", method="PUT", path=DATA_PUT, skip=3, times=1))  # retried: commits
+    proxy.add(Fault("stall", method="PUT", path=MANIFEST, skip=4, times=4, seconds=300))  # a save fails
+    proxy.add(Fault("reset_response", method="PUT", path=DATA_PUT, skip=8, times=4))  # a save fails
+    proxy.add(Fault("503", method="PUT", path=MANIFEST, skip=10, times=4))  # a save fails
+    env = base_env(cache, **s3_env(proxy.endpoint), HOME=str(tmp_path / "home"))
+    args = ["--work-dir", url, "--cfg-options",
+            *fast_overrides(cache, f"train.max_steps={max_steps}", "checkpoint.interval=2", "checkpoint.keep_last=0",
+                            "checkpoint.max_failures=3", f"checkpoint.timeout_seconds={E2E_TIMEOUT}")]
+    log = tmp_path / "torchrun.log"
+    start = time.monotonic()
+    proc = procs.start(torchrun_cmd(2, args), env, log)
+    wait_for(lambda: proc.poll() is not None, 600, "the run to end")
+    wall = time.monotonic() - start
+    text = log.read_text()
+    assert proc.returncode in (0, 75), text[-4000:]
+    if proc.returncode == 75:  # a clean stop: one paragraph, no traceback
+        assert "Traceback" not in text, text[-4000:]
+
+    store = direct(url, s3_server)
+    records = [json.loads(line) for line in store.work_dir.read_bytes("metrics.jsonl").decode().splitlines()]
+    committed_events = [r["step"] for r in records if r.get("event") == "checkpoint"]
+    failed_events = [r["step"] for r in records if r.get("event") == "checkpoint_failed"]
+    committed = assert_every_commit_is_whole(url, s3_server)  # every manifest's object is complete
+    assert set(committed_events) <= set(committed)
+    assert not set(failed_events) & set(committed)  # a failed save left no commit behind
+    assert failed_events and committed_events, (committed_events, failed_events)
+    if proc.returncode == 0:
+        assert max(committed) == max_steps
+    holds = save_holds(records)
+    longest = max(holds.values())
+    typical = sorted(holds[s] for s in committed_events if s in holds)[len(committed_events) // 2]
+    bound = typical + E2E_EXTRA  # no rank waits at the barrier longer than a save plus one failing request
+    assert longest < bound, (bound, holds)
+    served = {kind: len(proxy.served(kind)) for kind in KINDS_SERVED}
+    assert all(served.values()), served
+
+    proxy.clear()
+    proxy.add(Fault("reset_response", method="GET", path=DATA_PUT, times=1))  # resume through one more fault
+    resumed = CheckpointStore(WorkDir(url, timeout=E2E_TIMEOUT)).load_latest()
+    assert resumed.manifest.step == max(committed)
+    assert resumed.state["progress"]["global_step"] == max(committed)
+
+    normal = sorted(b - a for a, b in zip(
+        [r["time"] for r in records if r.get("mode") == "train"],
+        [r["time"] for r in records if r.get("mode") == "train"][1:], strict=False))
+    print(f"\nfaults e2e: exit {proc.returncode}, {wall:.0f} s; saves committed {len(committed_events)} "
+          f"(steps {committed_events}), failed {len(failed_events)} (steps {failed_events}); faults served "
+          f"{served}; longest hold at the barrier {longest:.2f} s (bound {bound:.1f} s = median committed save "
+          f"{typical:.2f} s + {E2E_EXTRA:.0f} s; median step {normal[len(normal) // 2]:.2f} s); holds "
+          f"{({k: round(v, 2) for k, v in sorted(holds.items())})}")
+    for request in proxy.served():
+        if request.fault:
+            print(f"  {request.fault:>14} {request.method} {request.target.split('?')[0][-60:]} "
+                  f"{request.end - request.start:.2f} s")
+
+
+KINDS_SERVED = ("503", "reset_request", "reset_response", "stall")

@@ -62,7 +62,7 @@ _FINAL_BOTO = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetri
                "InvalidConfigError", "UnknownEndpointError")
 """botocore errors that mean "this configuration can never work" (the others are network trouble)."""
 
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 10.0
 """Seconds one S3 request may wait for the store (connect, or each read of its answer)."""
 
 S3_ATTEMPTS = 2
