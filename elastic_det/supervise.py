@@ -110,6 +110,7 @@ class Supervisor:
         self.opts = options
         self.command = command
         self.stop_timeout = options.stop_timeout_s or default_stop_timeout(command)
+        self.name = command_name(command)
         self.wake = threading.Event()
         self.signal_got: int | None = None  # the first handled signal
         self.later_signals: list[int] = []
@@ -187,7 +188,7 @@ class Supervisor:
         """Run COMMAND once; the supervisor's exit code (None: retry) and whether a new step was committed."""
         before = committed_step(self.store)
         self.log.event("attempt_start", attempt=n, committed_step=before)
-        say(f"attempt {n}: starting {self.command[0]} (committed step {_show(before)})")
+        say(f"attempt {n}: starting {self.name} (committed step {_show(before)})")
         started = time.monotonic()
         rc, final = self._run_command()
         after = committed_step(self.store)
@@ -226,7 +227,7 @@ class Supervisor:
             proc = subprocess.Popen(self.command, env=env, start_new_session=True)
         except OSError as e:
             shutil.rmtree(exit_dir, ignore_errors=True)
-            say(f"cannot start {self.command[0]}: {e}")
+            say(f"cannot start {self.name}: {e}")
             return 127, None
         threading.Thread(target=lambda: (proc.wait(), self.wake.set()), name="command-wait", daemon=True).start()
         forwarded, final, kill_at = False, None, None
@@ -240,11 +241,11 @@ class Supervisor:
                     final = exit_status.read_final(exit_dir)
                     if final is not None:
                         say(f"a worker stopped with final exit code {final[0]}: {final[1]}")
-                        say(f"stopping {self.command[0]} (no retry)")
+                        say(f"stopping {self.name} (no retry)")
                         _killpg(proc.pid, signal.SIGTERM)
                         kill_at = kill_at or time.monotonic() + self.stop_timeout
                 if kill_at is not None and time.monotonic() >= kill_at:
-                    say(f"{self.command[0]} still running {self.stop_timeout:.0f} s after being stopped; SIGKILL")
+                    say(f"{self.name} still running {self.stop_timeout:.0f} s after being stopped; SIGKILL")
                     _killpg(proc.pid, signal.SIGKILL)
                     kill_at = float("inf")
                 self.wake.wait(self.opts.poll_s)
@@ -268,10 +269,10 @@ class Supervisor:
         """Forward the first signal to COMMAND's process group; when to SIGKILL it."""
         if not self.opts.forward_signals:
             say(f"got {_name(got)}; not forwarding it (--no-forward-signals: the scheduler signals "
-                f"{self.command[0]} itself); waiting for it to stop")
+                f"{self.name} itself); waiting for it to stop")
         else:
             sig = FORWARD_AS.get(got, signal.SIGTERM)
-            say(f"got {_name(got)}; forwarding {_name(sig)} to {self.command[0]} (process group {pid}); "
+            say(f"got {_name(got)}; forwarding {_name(sig)} to {self.name} (process group {pid}); "
                 f"no further attempts")
             _killpg(pid, sig)
         return time.monotonic() + self.stop_timeout
@@ -315,7 +316,15 @@ class AttemptLog:
 
 
 def say(message: str) -> None:
-    print(f"elastic_det.supervise[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%H:%M:%S')} elastic_det.supervise[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def command_name(command: list[str]) -> str:
+    """``torchrun``, ``python -m torch.distributed.run`` or the like, for messages."""
+    name = os.path.basename(command[0])
+    if len(command) > 2 and command[1] == "-m":
+        name += f" -m {command[2]}"
+    return name
 
 
 def _killpg(pgid: int, sig: int) -> None:

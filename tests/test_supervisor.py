@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -31,7 +32,12 @@ from helpers import (
     REPO,
     alive,
     base_env,
+    events,
+    fast_overrides,
+    free_port,
     read_jsonl,
+    torchrun_cmd,
+    train_steps,
     wait_for,
 )
 
@@ -393,3 +399,264 @@ def test_the_attempt_log_on_s3_is_rewritten_whole(s3_bucket, tmp_path):
     lines = [json.loads(line) for line in wd.read_bytes(f"supervisor/{name}").decode().splitlines()]
     assert [(r["event"], r.get("decision")) for r in lines] == [
         ("attempt_start", None), ("attempt_end", "retry"), ("attempt_start", None), ("attempt_end", "done")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: the real supervisor, the real torchrun, the real trainer
+
+TORCHRUN_FLAGS = ["--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2", "--shutdown-timeout=30"]
+
+
+def supervised(torchrun: list[str], *options: str) -> list[str]:
+    return [PYTHON, "-m", "elastic_det.supervise", "--backoff", "0.5", "--max-backoff", "2", *options, "--",
+            *torchrun]
+
+
+def committed(work_dir: Path) -> set[int]:
+    return {int(p.parent.name.split("-")[1]) for p in (work_dir / "checkpoints").glob("step-*/manifest.json")}
+
+
+def listener(port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` listens on 127.0.0.1:``port`` (the agent hosting the c10d rendezvous store)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                inodes.add(fields[9])
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        if any(link == f"socket:[{inode}]" for inode in inodes for link in links):
+            return pid
+    return None
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+class Node:
+    """One "node" of the job: its supervisor (which runs the torchrun agent, which runs the worker)."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], procs, log_dir: Path):
+        self.name, self.command, self.env, self.procs, self.log_dir = name, command, env, procs, log_dir
+        self.starts = 0
+        self.exits: list[int] = []
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log = self.log_dir / f"{self.name}-{self.starts}.log"
+        self.proc = self.procs.start(self.command, self.env, self.log)
+
+    def tree(self) -> list[int]:
+        return [self.proc.pid, *self.procs.remember(self.proc)] if self.proc.poll() is None else []
+
+    def workers(self) -> list[int]:
+        return [p for p in self.tree()[1:] if "elastic_det.train" in cmdline(p)
+                and "torch.distributed.run" not in cmdline(p)]
+
+    def finished(self) -> int | None:
+        """The exit code once this supervisor instance has exited (recorded once)."""
+        rc = self.proc.poll()
+        if rc is not None and len(self.exits) < self.starts:
+            self.exits.append(rc)
+        return rc
+
+
+N_FAULTS = 12
+MAX_STEPS = 60
+MAX_RESTARTS = 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # about 3 minutes on 2 idle cores; a machine shared with other work takes longer
+def test_a_long_life_of_preemptions_and_hard_kills_under_the_supervisor(procs, tmp_path):
+    started = time.monotonic()
+    seed = int(os.environ.get("ELASTIC_DET_CHAOS_SEED", "20261201"))
+    print(f"chaos seed {seed} (set ELASTIC_DET_CHAOS_SEED to replay)")
+    rng = random.Random(seed)
+    work_dir, cache, port = tmp_path / "work", tmp_path / "cache", free_port()
+    train_args = ["--work-dir", str(work_dir), "--cfg-options",
+                  *fast_overrides(cache, "model.norm=group_norm", "checkpoint.interval=2",
+                                  f"train.max_steps={MAX_STEPS}")]
+    torchrun = torchrun_cmd(1, train_args, max_restarts=MAX_RESTARTS, extra=TORCHRUN_FLAGS, nnodes="1:2",
+                            rdzv_port=port, run_id="longlife")
+    env = base_env(cache)
+    nodes = [Node(name, supervised(torchrun), env, procs, tmp_path) for name in ("a", "b")]
+    seen: set[int] = set()
+    faults: list[tuple[str, str, bool, int]] = []  # (kind, node, hosted the store, step before the fault)
+    # A mix of every kind, shuffled by the seed; every third fault at least aims at the store's host.
+    kinds = ["preempt", "kill_worker", "kill_node"] * (N_FAULTS // 3)
+    rng.shuffle(kinds)
+
+    def watch() -> int:
+        seen.update(committed(work_dir))
+        for node in nodes:
+            rc = node.finished()
+            assert rc in (None, 0), f"node {node.name} exited {rc} by itself:\n{tail(node.log)}"
+        steps = train_steps(work_dir)
+        return max(steps, default=0)
+
+    def host() -> Node | None:
+        pids = {pid: node for node in nodes for pid in node.tree()}
+        pid = listener(port, list(pids))
+        return pids.get(pid)
+
+    last = 0
+    deadline = time.monotonic() + 1000
+    while len(faults) < N_FAULTS:
+        assert time.monotonic() < deadline, f"only {len(faults)} faults by the deadline: {faults}"
+        goal = last + rng.randint(1, 3)  # progress since the last fault, then a random moment in a step
+        wait_for(lambda goal=goal: watch() >= goal, 180, f"training to pass step {goal}", interval=0.05)
+        assert watch() < MAX_STEPS, f"training finished after only {len(faults)} faults; lower the step gaps"
+        end = time.monotonic() + rng.uniform(0, 0.4)
+        wait_for(lambda end=end: watch() >= 0 and time.monotonic() >= end, 5, "the fault moment", interval=0.02)
+        kind = kinds[len(faults)]
+        hosting = host()
+        if len(faults) % 3 == 0 and hosting is not None:
+            target = hosting
+        else:
+            target = rng.choice(nodes)
+        if kind == "kill_worker" and not target.workers():
+            kind = "kill_node"  # its agent is between worker groups: lose the whole node instead
+        step = watch()
+        faults.append((kind, target.name, target is hosting, step))
+        print(f"fault {len(faults)}: {kind} node {target.name} (store host: {target is hosting}) at step {step}")
+        if kind == "preempt":  # the scheduler's SIGTERM to the node's main process
+            target.proc.send_signal(signal.SIGTERM)
+            rc = target.proc.wait(timeout=120)
+            target.finished()
+            assert rc in (PREEMPTED_EXIT_CODE, 0), f"preempted node {target.name} exited {rc}:\n{tail(target.log)}"
+            if rc == 0:
+                break
+            target.start()
+        elif kind == "kill_worker":
+            os.kill(rng.choice(target.workers()), signal.SIGKILL)
+        else:  # the node is lost: its whole process tree, at once
+            for pid in target.tree():
+                os.kill(pid, signal.SIGKILL)
+            target.proc.wait(timeout=30)
+            target.finished()
+            target.start()
+        last = step
+
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node {node.name} still running:\n{tail(node.log)}")
+        node.finished()
+        watch()
+    print("faults:", faults)
+    print("exits per node:", {n.name: n.exits for n in nodes})
+
+    # The "Job" succeeded: each node's last supervisor ended 0, after the run reached max_steps.
+    assert [n.exits[-1] for n in nodes] == [0, 0], [tail(n.log) for n in nodes]
+    assert (work_dir / "checkpoints" / f"step-{MAX_STEPS:08d}" / "manifest.json").exists()
+    assert events(work_dir, "done") and events(work_dir, "done")[-1]["step"] == MAX_STEPS
+    # The faults: enough, of every kind, several of the store's host.
+    assert len(faults) >= N_FAULTS
+    assert {k for k, *_ in faults} == {"preempt", "kill_worker", "kill_node"}
+    assert sum(1 for _, _, hosted, _ in faults if hosted) >= 3
+    # Every resume at a committed step; more restarts than any one torchrun's budget.
+    seen.update(e["step"] for e in events(work_dir, "checkpoint"))
+    resumes = events(work_dir, "resume")
+    assert resumes and all(r["step"] in seen for r in resumes), (resumes, sorted(seen))
+    assert len(resumes) > MAX_RESTARTS
+    attempts = [r for r in attempt_log(work_dir) if r["event"] == "attempt_start"]
+    assert len(attempts) > MAX_RESTARTS
+    assert sum(n.starts for n in nodes) > 2
+    print(f"{len(resumes)} resumes, {len(attempts)} supervised torchrun attempts, "
+          f"{sum(n.starts for n in nodes)} supervisor starts, {time.monotonic() - started:.0f} s")
+
+
+MARKER = """import os, sys
+with open(sys.argv[1], "a") as f:
+    f.write("started\\n")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("bad, culprit", [("train.max_stepz=3", "max_stepz"),
+                                          ("data.type=voc", "data.root")])
+def test_bad_input_stops_in_the_preflight_and_torchrun_never_starts(procs, tmp_path, bad, culprit):
+    work_dir, cache = tmp_path / "work", tmp_path / "cache"
+    marker_py, marker = tmp_path / "marker.py", tmp_path / "torchrun-started"
+    marker_py.write_text(MARKER)
+    torchrun = torchrun_cmd(1, ["--work-dir", str(work_dir), "--cfg-options", *fast_overrides(cache, bad)],
+                            max_restarts=3, extra=TORCHRUN_FLAGS)
+    log = tmp_path / "supervisor.log"
+    proc = procs.start(supervised([PYTHON, str(marker_py), str(marker), *torchrun]), base_env(cache), log)
+    assert proc.wait(timeout=180) == 2, tail(log)
+    assert not marker.exists()  # torchrun was started zero times
+    assert culprit in log.read_text()
+    records = attempt_log(work_dir)
+    assert [(r["event"], r["exit_code"], r["decision"]) for r in records] == [("preflight", 2, "final")]
+
+
+@pytest.mark.slow
+def test_bad_input_found_by_the_workers_stops_torchrun_without_a_restart(procs, tmp_path):
+    """A corrupt --resume checkpoint: every worker reports exit 2 through the exit dir; the supervisor
+    stops torchrun before it restarts the workers (it has --max-restarts 3) and exits 2 at once."""
+    work_dir, cache, torchrun_logs = tmp_path / "work", tmp_path / "cache", tmp_path / "torchrun-logs"
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"this is not a checkpoint")
+    train_args = ["--work-dir", str(work_dir), "--resume", str(broken), "--cfg-options", *fast_overrides(cache)]
+    torchrun = torchrun_cmd(2, train_args, max_restarts=3,
+                            extra=[*TORCHRUN_FLAGS, "--log-dir", str(torchrun_logs)])
+    log = tmp_path / "supervisor.log"
+    proc = procs.start(supervised(torchrun), base_env(cache), log)
+    assert proc.wait(timeout=300) == 2, tail(log)
+    text = log.read_text()
+    assert text.count("a worker stopped with final exit code 2") == 1, tail(log)
+    assert "broken.pt" in text
+    assert ends(attempt_log(work_dir)) == [(1, 0, 0, "final")]  # torchrun: 1 after the supervisor's SIGTERM
+    # torchrun keeps one attempt_<restart count> log dir per worker group it started: only the first.
+    assert sorted(p.name for p in torchrun_logs.glob("*/attempt_*")) == ["attempt_0"]
+
+
+@pytest.mark.slow
+def test_the_supervisor_gives_up_when_no_attempt_can_commit(procs, tmp_path):
+    """The S3 endpoint goes away after the first commit: saves, probes and listings fail as outages
+    (retryable), so attempts go on failing without a new commit, and the supervisor gives up with 4."""
+    from s3 import MotoServer, s3_env
+
+    cache = tmp_path / "cache"
+    server = MotoServer.start()
+    try:
+        bucket = server.create_bucket()
+        work = f"s3://{bucket}/run"
+        train_args = ["--work-dir", work, "--cfg-options",
+                      *fast_overrides(cache, "checkpoint.interval=2", "train.max_steps=1000")]
+        torchrun = torchrun_cmd(1, train_args, max_restarts=1, extra=TORCHRUN_FLAGS)
+        log = tmp_path / "supervisor.log"
+        proc = procs.start(supervised(torchrun, "--max-stalled-attempts", "2"),
+                           base_env(cache, **s3_env(server.endpoint)), log)
+        client = server.client()
+
+        def first_commit() -> bool:
+            listing = client.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/")
+            return any(o["Key"].endswith("/manifest.json") for o in listing.get("Contents", []))
+
+        wait_for(lambda: proc.poll() is not None or first_commit(), 300, "the first commit", interval=0.2)
+        assert proc.poll() is None, tail(log)
+        server.stop()  # the endpoint is gone: connection refused from now on
+        assert proc.wait(timeout=600) == NO_PROGRESS_EXIT_CODE, tail(log)
+    finally:
+        server.stop()
+    text = log.read_text()
+    assert f"giving up: 2 attempts in a row committed no new checkpoint to {work}" in text
+    assert "attempt 2 ended" in text and "attempt 3" not in text
+    assert "warning: cannot write the attempt log" in text  # the log lives in the lost bucket too
