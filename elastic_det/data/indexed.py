@@ -132,6 +132,10 @@ class IndexedDataset(torch.utils.data.Dataset):
         """Start fetching the images of ``indices`` into the node-local cache (remote roots only)."""
         self.files.prefetch(self.image_path(i) for i in indices)
 
+    def stop_prefetch(self) -> None:
+        """Drop the fetches not started yet (the loader that asked for them is done)."""
+        self.files.prefetcher.close()
+
     # --------------------------------------------------------------------------------------------------
     # Ground truth for COCOeval (built on first use: only evaluation needs it)
 

@@ -95,15 +95,19 @@ class _StepBatches:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         ahead = getattr(self.dataset, "prefetch_steps", 0)
         window: deque[tuple[int, list[int]]] = deque()
-        for epoch, indices in self.step_indices:
-            if ahead > 0:
-                self.dataset.prefetch(indices)
-            window.append((epoch, indices))
-            if len(window) > ahead:
-                epoch, indices = window.popleft()
+        try:
+            for epoch, indices in self.step_indices:
+                if ahead > 0:
+                    self.dataset.prefetch(indices)
+                window.append((epoch, indices))
+                if len(window) > ahead:
+                    epoch, indices = window.popleft()
+                    yield [(epoch, i) for i in indices]
+            for epoch, indices in window:
                 yield [(epoch, i) for i in indices]
-        for epoch, indices in window:
-            yield [(epoch, i) for i in indices]
+        finally:
+            if ahead > 0:
+                self.dataset.stop_prefetch()  # fetches queued for batches that will not be loaded
 
     def __len__(self) -> int:
         return len(self.step_indices)  # type: ignore[arg-type]
