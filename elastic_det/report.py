@@ -55,12 +55,14 @@ class AttemptReport:
     last_step: int
     how: str  # done, preempted, failed, killed, running, stopped
     signal: str | None
+    error: str | None  # the exception type a failed attempt stopped with
     exit_code: int | None
     load_seconds: float | None
     buckets: dict[str, float]
     good_steps: int = 0
     lost_steps: int = 0
     uncommitted_steps: int = 0
+    trained: bool = True  # reached the training loop
     segments: list[tuple[float, float, str]] = field(default_factory=list)  # (start, end, bucket)
     commits: list[tuple[float, int]] = field(default_factory=list)  # (time, step)
 
@@ -114,19 +116,24 @@ def build_report(history: History, now: float | None = None, stale_after: float 
     else:
         status = "running" if now - last.last_time <= stale_after else "stopped"
 
-    # The final committed progress, then backwards: which attempt produced which steps of it.
-    if status == "done":
-        final = last.last_step
+    # The final committed progress (in the last attempt that trained), then backwards: which attempt
+    # produced which steps of it.
+    trained = [a for a in attempts if a.trained]
+    if not trained:
+        final = 0
+    elif status == "done":
+        final = trained[-1].last_step
     else:
-        window = [s for s, t in history.commits.items() if last.first_step <= s <= last.last_step
-                  and (t == 0.0 or t >= last.start)]
-        final = max(window, default=last.first_step)
+        t_last = trained[-1]
+        window = [s for s, t in history.commits.items() if t_last.first_step <= s <= t_last.last_step
+                  and (t == 0.0 or t >= t_last.start)]
+        final = max(window, default=t_last.first_step)
     kept: dict[int, tuple[int, int]] = {}  # attempt index -> (first, last) of its steps that count
     need = final
     rate = run_rate(attempts)
     for i in range(len(attempts) - 1, -1, -1):
         a = attempts[i]
-        if need <= a.first_step:
+        if need <= a.first_step or not a.trained:
             kept[i] = (a.first_step, a.first_step)
             continue
         if a.last_step < need:
@@ -215,8 +222,8 @@ def _account(index: int, a: Attempt, kept: tuple[int, int], running: bool, now: 
     buckets["other"] = max(end - begin - sum(buckets.values()), 0.0)
     how = a.end["how"] if a.end else ("running" if running else "killed")
     return AttemptReport(index, a.id, a.host, a.source, a.world_size, begin, end, a.first_step, a.last_step, how,
-                         (a.end or {}).get("signal"), a.exit_code, a.load_seconds, buckets, good_steps, lost_steps,
-                         uncommitted_steps, sorted(segments))
+                         (a.end or {}).get("signal"), (a.end or {}).get("error"), a.exit_code, a.load_seconds,
+                         buckets, good_steps, lost_steps, uncommitted_steps, a.trained, sorted(segments))
 
 
 def _explain(h: History, status: str, last: Attempt, now: float, notes: list[str]) -> None:
@@ -260,7 +267,8 @@ def _clock(t: float) -> str:
 
 
 def _ended(a: AttemptReport) -> str:
-    text = a.how + (f" ({a.signal})" if a.signal else "")
+    cause = a.signal or a.error
+    text = a.how + (f" ({cause})" if cause else "")
     return text + (f", exit {a.exit_code}" if a.exit_code is not None else "")
 
 
@@ -295,6 +303,7 @@ def attempt_rows(r: Report) -> list[list[str]]:
     for a in r.attempts:
         b = a.buckets
         steps = f"{a.first_step}-{a.last_step}" + (f" ({a.lost_steps} lost)" if a.lost_steps else "")
+        steps = steps if a.trained else "- (no step)"
         rows.append([str(a.index), "+" + _duration(a.start - r.start), str(a.world_size or "?"), steps,
                      *(f"{b[k]:.1f}" for k in ("good", "startup", "waiting", "lost", "checkpoint", "evaluation",
                                                "other")), _ended(a)])

@@ -81,6 +81,11 @@ class Attempt:
         return max([self.first_step, *(iv.last for iv in self.intervals)])
 
     @property
+    def trained(self) -> bool:
+        """It reached the training loop (an attempt that failed while starting produced no steps)."""
+        return bool(self.intervals) or "train_start" in self.marks
+
+    @property
     def loop_time(self) -> float:
         """When the last thing on record in the training loop ended (the loop start if nothing did)."""
         times = [iv.time for iv in self.intervals] + [t.time for t in self.checkpoints + self.evals]

@@ -487,3 +487,18 @@ def test_s3_ledger_keeps_every_attempt_when_the_relaunch_runs_elsewhere(s3_bucke
     assert [(a["first_step"], a["last_step"], a["how"], a["source"]) for a in d["attempts"]] == [
         (0, 3, "done", "ledger"), (3, 6, "done", "ledger")]
     assert d["final_step"] == 6 and d["lost_steps"] == 0
+
+
+def test_attempt_that_failed_while_starting_produced_no_steps(tmp_path):
+    """A relaunch rejected before its loop (e.g. an unreadable checkpoint) is an attempt without steps: the
+    steps of the attempt before it still count, and nothing is invented for it."""
+    url = str(tmp_path / "run")
+    rejected = [_l("c1", "process_start", 140, world_size=1), _l("c1", "dist_ready", 143),
+                _l("c1", "end", 145, how="failed", last_step=-1, error="CheckpointError")]
+    write_work_dir(url, KILLED_AFTER_COMMIT + RESUMED[:-1] + rejected, None, {100: 57, 200: 127})
+    d = build_report(read_history(url)).to_dict()
+    assert d["status"] == "failed" and d["final_step"] == 200 and d["lost_steps"] == 0
+    assert d["buckets"]["good"] == pytest.approx(100.0)
+    last = d["attempts"][-1]
+    assert (last["how"], last["error"], last["trained"], last["good_steps"]) == ("failed", "CheckpointError", False, 0)
+    assert (last["buckets"]["startup"], last["buckets"]["other"]) == (pytest.approx(3.0), pytest.approx(2.0))
