@@ -553,6 +553,54 @@ def test_async_save_snapshots_before_returning(tmp_path):
     assert_same(expected, store.load_latest().state)
 
 
+def test_async_save_copies_large_tensors_before_the_next_optimizer_step(tmp_path):
+    """The large tensors are copied by the save thread; optimizer.step() waits for those copies."""
+    store = CheckpointStore(WorkDir(str(tmp_path)))
+    saver = AsyncSaver(store)
+    weight = torch.nn.Parameter(torch.randn(2**20))  # 4 MB: deferred
+    optimizer = torch.optim.SGD([weight], lr=0.5, momentum=0.9)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    live = {"model": {"w": weight.detach()}, "optimizer": optimizer.state_dict(), "progress": {"global_step": 1}}
+    expected = snapshot_to_cpu(live)
+    results = []
+    saver.submit(1, live, META, lambda m, e, s: results.append((m, e)))
+    for _ in range(3):  # the loop goes on: every step changes the weight and the momentum in place
+        optimizer.step()
+    saver.wait()
+    (manifest, error), = results
+    assert error is None and manifest.step == 1
+    saved = store.load_latest().state
+    assert_same(expected["model"], saved["model"])
+    assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"],
+                       expected["optimizer"]["state"][0]["momentum_buffer"])
+    assert not torch.equal(saved["model"]["w"], weight.detach())
+
+
+def test_async_save_refuses_a_state_changed_outside_the_optimizer_step(tmp_path, monkeypatch):
+    from elastic_det.checkpoint import async_save
+
+    release = threading.Event()
+    copy = async_save.copy_deferred
+
+    def copy_when_released(copies):
+        assert release.wait(timeout=30)
+        copy(copies)
+
+    monkeypatch.setattr(async_save, "copy_deferred", copy_when_released)
+    store = CheckpointStore(WorkDir(str(tmp_path)))
+    saver = AsyncSaver(store)
+    live = {"model": {"w": torch.zeros(2**20)}, "progress": {"global_step": 1}}
+    results = []
+    saver.submit(1, live, META, lambda m, e, s: results.append((m, e)))
+    live["model"]["w"].add_(1)  # a large tensor changed in place before the save thread copied it
+    release.set()
+    saver.wait()
+    (manifest, error), = results
+    assert manifest is None and isinstance(error, async_save.StateChangedError) and "model.w" in str(error)
+    assert store.committed_steps() == []
+
+
 class BlockingStore:
     """Stands in for CheckpointStore: each save waits for a release, or fails when told to."""
 

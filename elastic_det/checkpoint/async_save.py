@@ -9,15 +9,19 @@ faults than the copy itself).
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .manifest import Manifest
 from .store import CheckpointStore
@@ -26,18 +30,40 @@ log = logging.getLogger(__name__)
 
 OnDone = Callable[[Manifest | None, BaseException | None, float], None]
 
+DEFER_MIN_BYTES = 1 << 20
+"""CPU tensors this large are copied by the save thread, before the next optimizer step (see AsyncSaver)."""
 
-def snapshot_to_cpu(state: dict, reuse: dict | None = None) -> dict:
+WRITER_NICENESS = 10
+"""How much lower the save thread's CPU priority is than training's once its copies are done (Linux)."""
+
+
+@dataclass
+class DeferredCopy:
+    """A tensor of the live state still to be copied into its snapshot buffer."""
+
+    name: str
+    source: torch.Tensor
+    target: torch.Tensor
+    version: int  # source._version when the snapshot was taken: an in-place change since then bumps it
+
+
+class StateChangedError(RuntimeError):
+    """A tensor of the state changed in place after ``submit`` but before the save thread copied it."""
+
+
+def snapshot_to_cpu(state: dict, reuse: dict | None = None, defer: list[DeferredCopy] | None = None) -> dict:
     """A deep copy of ``state`` with every tensor copied into CPU memory that the copy owns.
 
     ``reuse`` is an earlier snapshot of the same structure: its tensors are overwritten in place where
     shape and dtype match, instead of allocating new ones (it must not be in use any more). CUDA tensors
     are copied into pinned memory asynchronously, then synchronised once. Tensors that appear several
-    times (the same object) stay shared in the copy.
+    times (the same object) stay shared in the copy. With ``defer``, contiguous CPU tensors of at least
+    :data:`DEFER_MIN_BYTES` get their buffer but are not copied: a :class:`DeferredCopy` is appended for
+    :func:`copy_deferred` instead.
     """
     devices: set[torch.device] = set()
     with _one_intra_op_thread():
-        out = _copy(state, reuse, {}, devices)
+        out = _copy(state, reuse, {}, devices, defer, "")
     for device in devices:
         torch.cuda.synchronize(device)
     return out
@@ -57,39 +83,77 @@ def _one_intra_op_thread() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _copy(obj: Any, prev: Any, memo: dict[int, Any], devices: set[torch.device]) -> Any:
+def _copy(obj: Any, prev: Any, memo: dict[int, Any], devices: set[torch.device],
+          defer: list[DeferredCopy] | None, name: str) -> Any:
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
-            memo[id(obj)] = _copy_tensor(obj.detach(), prev, devices)
+            memo[id(obj)] = _copy_tensor(obj.detach(), prev, devices, defer, name)
         return memo[id(obj)]
     if isinstance(obj, dict):
         prev = prev if isinstance(prev, dict) else {}
         out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
         for key, value in obj.items():
-            out[key] = _copy(value, prev.get(key), memo, devices)
+            out[key] = _copy(value, prev.get(key), memo, devices, defer, f"{name}.{key}" if name else str(key))
         if getattr(obj, "__dict__", None) and out is not obj:  # e.g. a state dict's _metadata
             out.__dict__.update(copy.deepcopy(obj.__dict__))
         return out
     if isinstance(obj, (list, tuple)):
         same = type(prev) is type(obj) and len(prev) == len(obj)
-        items = [_copy(v, prev[i] if same else None, memo, devices) for i, v in enumerate(obj)]
+        items = [_copy(v, prev[i] if same else None, memo, devices, defer, f"{name}[{i}]")
+                 for i, v in enumerate(obj)]
         if isinstance(obj, list):
             return items
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return copy.deepcopy(obj)
 
 
-def _copy_tensor(t: torch.Tensor, prev: Any, devices: set[torch.device]) -> torch.Tensor:
+def _copy_tensor(t: torch.Tensor, prev: Any, devices: set[torch.device], defer: list[DeferredCopy] | None,
+                 name: str) -> torch.Tensor:
     if t.layout != torch.strided or t.is_quantized or t.device.type not in ("cpu", "cuda"):
         return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
     pinned = t.is_cuda
     reusable = (isinstance(prev, torch.Tensor) and prev.device.type == "cpu" and prev.shape == t.shape
                 and prev.dtype == t.dtype and prev.is_contiguous() and (not pinned or prev.is_pinned()))
     dst = prev if reusable else torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+    if defer is not None and not pinned and t.is_contiguous() and t.nbytes >= DEFER_MIN_BYTES:
+        defer.append(DeferredCopy(name, t, dst, t._version))
+        return dst
     dst.copy_(t, non_blocking=pinned)
     if pinned:
         devices.add(t.device)
     return dst
+
+
+def copy_deferred(copies: list[DeferredCopy]) -> None:
+    """Copy each deferred tensor into its snapshot buffer; :class:`StateChangedError` when one of them
+    changed in place since the snapshot was taken (the checkpoint would mix two steps)."""
+    for item in copies:
+        if item.source._version != item.version:
+            raise StateChangedError(_changed(item))
+        _memcpy(item.target, item.source)
+        if item.source._version != item.version:
+            raise StateChangedError(_changed(item))
+
+
+def _changed(item: DeferredCopy) -> str:
+    return (f"checkpoint.async: the state's tensor '{item.name}' changed in place before the save thread "
+            f"copied it (outside optimizer.step, which waits for the copy); this save is refused rather than "
+            f"mixing two steps. Set checkpoint.async=false for this model.")
+
+
+def _memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """One plain memcpy on this thread, without the GIL (ctypes releases it) and without torch's intra-op
+    thread pool, which the training thread is using at the same time."""
+    ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
+
+
+def _lower_priority() -> None:
+    """Make this thread yield the CPU to training (Linux: a thread's nice value is its own)."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        except OSError:
+            pass
 
 
 class AsyncSaver:
@@ -97,16 +161,26 @@ class AsyncSaver:
 
     With ``reuse_buffers`` the snapshot of a finished save is kept and overwritten by the next one: one
     extra copy of the state stays in host memory between saves, in exchange for a much shorter block.
+
+    With ``defer_copies`` ``submit`` copies only the small tensors (and everything that is not a tensor);
+    the large CPU tensors (weights, optimizer moments) are copied by the save thread while the loop runs
+    the next forward and backward, which do not change them. The next ``optimizer.step()`` (any optimizer:
+    a global step pre-hook) waits until those copies are done, and a tensor found changed in place before
+    its copy (``Tensor._version``) refuses the save with :class:`StateChangedError` instead of mixing two
+    steps. Once its copies are done, the save thread lowers its CPU priority (``WRITER_NICENESS``).
     """
 
-    def __init__(self, store: CheckpointStore, reuse_buffers: bool = True):
+    def __init__(self, store: CheckpointStore, reuse_buffers: bool = True, defer_copies: bool = True):
         self.store = store
         self.reuse_buffers = reuse_buffers
+        self.defer_copies = defer_copies
         self._thread: threading.Thread | None = None
         self._spare: dict | None = None
+        self._copied = threading.Event()
+        self._copied.set()
 
     def submit(self, step: int, state: dict, meta: dict, on_done: OnDone) -> None:
-        """Snapshot ``state`` (blocking) and save it in the background.
+        """Snapshot ``state`` (blocking, except the deferred copies) and save it in the background.
 
         Waits for the save in flight first. ``on_done(manifest, error, seconds)`` is called from the
         background thread; ``seconds`` runs from the start of the snapshot to the commit (or failure).
@@ -114,15 +188,32 @@ class AsyncSaver:
         """
         self.wait()
         start = time.perf_counter()
-        snapshot = snapshot_to_cpu(state, reuse=self._spare)
+        deferred: list[DeferredCopy] | None = [] if self.defer_copies else None
+        snapshot = snapshot_to_cpu(state, reuse=self._spare, defer=deferred)
         self._spare = None
-        self._thread = threading.Thread(target=self._run, args=(step, snapshot, dict(meta), on_done, start),
-                                        name=f"checkpoint-step-{step}")
+        fence = None
+        if deferred:
+            self._copied.clear()
+            fence = register_optimizer_step_pre_hook(self._wait_for_copies)
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint-step-{step}",
+                                        args=(step, snapshot, deferred or [], fence, dict(meta), on_done, start))
         self._thread.start()
 
-    def _run(self, step: int, snapshot: dict, meta: dict, on_done: OnDone, start: float) -> None:
+    def _wait_for_copies(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if threading.current_thread() is not self._thread:
+            self._copied.wait()
+
+    def _run(self, step: int, snapshot: dict, deferred: list[DeferredCopy], fence: Any, meta: dict,
+             on_done: OnDone, start: float) -> None:
         manifest, error = None, None
         try:
+            try:
+                copy_deferred(deferred)
+            finally:
+                self._copied.set()
+                if fence is not None:
+                    fence.remove()
+            _lower_priority()
             manifest = self.store.save(step, snapshot, meta)
         except BaseException as e:  # reported to on_done; the training thread decides what to do
             error = e

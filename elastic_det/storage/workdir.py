@@ -249,13 +249,22 @@ class WorkDir:
     # Reads and listings (never served from a stale cache)
 
     def read_bytes(self, relpath: str) -> bytes:
+        """The whole file. On object stores a read cut off mid-body is tried once more (s3fs does not
+        retry every such cut): a large checkpoint should not need a relaunch for one reset connection."""
         path = self._fs_path(relpath)
         try:
             if self.is_local:
                 with open(path, "rb") as f:
                     return f.read()
             self.fs.invalidate_cache(path)
-            return self.fs.cat_file(path)
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                raise
+            except _STORAGE_ERRORS as e:
+                if is_final(e):
+                    raise
+                return self.fs.cat_file(path)
         except FileNotFoundError:
             raise
         except IsADirectoryError as e:
