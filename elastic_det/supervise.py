@@ -115,7 +115,7 @@ class Supervisor:
         self.signal_got: int | None = None  # the first handled signal
         self.later_signals: list[int] = []
         self.log = AttemptLog(None)
-        self.best_step = 0  # the newest committed step seen so far
+        self.best_step: int | None = None  # the newest committed step seen after an attempt (or before the first)
         self.store = None
 
     # ------------------------------------------------------------------------------------------------
@@ -187,13 +187,17 @@ class Supervisor:
     def _attempt(self, n: int, target: Target, stalled: int) -> tuple[int | None, bool]:
         """Run COMMAND once; the supervisor's exit code (None: retry) and whether a new step was committed."""
         before = committed_step(self.store)
+        if self.best_step is None:
+            self.best_step = before or 0
         self.log.event("attempt_start", attempt=n, committed_step=before)
         say(f"attempt {n}: starting {self.name} (committed step {_show(before)})")
         started = time.monotonic()
         rc, final = self._run_command()
         after = committed_step(self.store)
-        progressed = after is not None and after > max(before or 0, self.best_step)
-        self.best_step = max(self.best_step, after or 0, before or 0)
+        # Progress is a step newer than any seen after an earlier attempt: on a multi-node job, one that
+        # another node's agents committed while this one waited counts too (the job advanced).
+        progressed = after is not None and after > self.best_step
+        self.best_step = max(self.best_step, after or 0)
         gained = (after - before) if after is not None and before is not None else 0
         if final is not None or rc in FINAL_EXIT_CODES:  # a worker's report, or COMMAND's own (usage: 2)
             code, decision = (final[0] if final is not None else rc), "final"

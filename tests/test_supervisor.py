@@ -640,7 +640,7 @@ def test_the_supervisor_gives_up_when_no_attempt_can_commit(procs, tmp_path):
         work = f"s3://{bucket}/run"
         train_args = ["--work-dir", work, "--cfg-options",
                       *fast_overrides(cache, "checkpoint.interval=2", "train.max_steps=1000")]
-        torchrun = torchrun_cmd(1, train_args, max_restarts=1, extra=TORCHRUN_FLAGS)
+        torchrun = torchrun_cmd(1, train_args, max_restarts=0, extra=TORCHRUN_FLAGS)
         log = tmp_path / "supervisor.log"
         proc = procs.start(supervised(torchrun, "--max-stalled-attempts", "2"),
                            base_env(cache, **s3_env(server.endpoint)), log)
