@@ -24,6 +24,7 @@ by a signal (requeue).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -50,6 +51,11 @@ from .supervise_checks import Target, check_torch, committed_step, progress_stor
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 FORWARD_AS = {signal.SIGUSR1: signal.SIGUSR1, signal.SIGUSR2: signal.SIGUSR2}  # the rest go on as SIGTERM
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - no C library to ask
+    _LIBC = None
 
 
 @dataclass
@@ -228,7 +234,7 @@ class Supervisor:
         exit_dir = tempfile.mkdtemp(prefix="elastic_det-exit-")
         env = {**os.environ, exit_status.EXIT_DIR_ENV: exit_dir}
         try:
-            proc = subprocess.Popen(self.command, env=env, start_new_session=True)
+            proc = subprocess.Popen(self.command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as e:
             shutil.rmtree(exit_dir, ignore_errors=True)
             say(f"cannot start {self.name}: {e}")
@@ -321,6 +327,13 @@ class AttemptLog:
 
 def say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} elastic_det.supervise[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent() -> None:
+    """In COMMAND's process before exec (Linux): get SIGTERM when the supervisor dies, so that a torchrun
+    in its own session never trains on unsupervised (it saves and stops, like after a preemption)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def command_name(command: list[str]) -> str:

@@ -305,6 +305,18 @@ def test_without_forwarding_the_supervisor_waits_for_the_scheduler_signalled_com
     assert standin.signals() == ["SIGUSR1"]
 
 
+def test_a_killed_supervisor_leaves_no_command_behind(procs, tmp_path):
+    """SIGKILL of the supervisor alone (e.g. the OOM killer): torchrun, in its own session, gets SIGTERM from
+    the kernel (parent-death signal), saves and stops instead of training on unsupervised."""
+    standin = Standin(tmp_path, [{"wait": True, "exit": 1}])
+    proc, log = start_supervisor(procs, standin, tmp_path)
+    wait_for(standin.runs, 60, "the command to start")
+    ((pid, _),) = standin.runs()
+    proc.kill()
+    wait_for(lambda: not alive(pid), 30, "the command to stop")
+    assert standin.signals() == ["SIGTERM"]
+
+
 def test_a_signal_during_the_backoff_stops_without_another_attempt(procs, tmp_path):
     standin = Standin(tmp_path, [{"exit": 1}])
     proc, log = start_supervisor(procs, standin, tmp_path, "--backoff", "60")
