@@ -38,7 +38,7 @@ from .cache import FULL_ERRNOS
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _EDGE_BYTES = 1 << 20
 
 
@@ -90,6 +90,19 @@ class AnnotationIndex:
     ann_crowd: np.ndarray  # bool (m,): COCO iscrowd, VOC difficult
     cat_id: np.ndarray  # int64 (k,), ascending
     cat_names: Strings
+    # Derived when built (see finish), so that opening a cached index does no per-annotation work:
+    trained_count: np.ndarray | None = None  # int64 (n,): boxes to train on per image
+    degenerate: np.ndarray | None = None  # int64 (d,): non-crowd annotations with no width or height left
+
+    def finish(self) -> AnnotationIndex:
+        """Fill the derived arrays (boxes clipped to their image, crowd boxes not trained on)."""
+        image_of = self.image_of_annotation()
+        boxes = clip_boxes(self.ann_bbox, self.box_format, self.width[image_of], self.height[image_of])
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        crowd = np.asarray(self.ann_crowd, dtype=bool)
+        self.trained_count = np.bincount(image_of[valid & ~crowd], minlength=len(self.image_id)).astype(np.int64)
+        self.degenerate = np.flatnonzero(~valid & ~crowd).astype(np.int64)
+        return self
 
     def image_of_annotation(self) -> np.ndarray:
         """The image position of every annotation, (m,) int64."""
@@ -105,12 +118,23 @@ class AnnotationIndex:
                 yield f.name, value
 
 
+def clip_boxes(bbox: np.ndarray, box_format: str, width: np.ndarray | int, height: np.ndarray | int) -> np.ndarray:
+    """Raw boxes of the file as XYXY float64, clipped to the image."""
+    bbox = np.asarray(bbox)
+    x1, y1 = bbox[:, 0], bbox[:, 1]
+    x2, y2 = (x1 + bbox[:, 2], y1 + bbox[:, 3]) if box_format == "xywh" else (bbox[:, 2], bbox[:, 3])
+    return np.stack([np.maximum(x1, 0.0), np.maximum(y1, 0.0), np.minimum(x2, width), np.minimum(y2, height)],
+                    axis=1).reshape(-1, 4)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # On disk: a folder with one .npy per array and meta.json, renamed into place when complete.
 
 
 def save(index: AnnotationIndex, folder: str) -> None:
     """Write ``index`` to ``folder`` atomically; if another process wrote it first, keep theirs."""
+    if index.trained_count is None:
+        index.finish()
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", dir=parent)

@@ -16,21 +16,12 @@ import torch
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-from ..errors import DataError
 from .dataset import load_image, log_degenerate, make_coco
-from .index import AnnotationIndex
+from .index import AnnotationIndex, clip_boxes
 from .remote import is_url, join
 from .source import DataSource
 
 logger = logging.getLogger(__name__)
-
-
-def clip_boxes(bbox: np.ndarray, box_format: str, width: np.ndarray | int, height: np.ndarray | int) -> np.ndarray:
-    """Raw boxes of the file as XYXY float64, clipped to the image."""
-    x1, y1 = bbox[:, 0], bbox[:, 1]
-    x2, y2 = (x1 + bbox[:, 2], y1 + bbox[:, 3]) if box_format == "xywh" else (bbox[:, 2], bbox[:, 3])
-    return np.stack([np.maximum(x1, 0.0), np.maximum(y1, 0.0), np.minimum(x2, width), np.minimum(y2, height)],
-                    axis=1).reshape(-1, 4)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -53,20 +44,13 @@ class IndexedDataset(torch.utils.data.Dataset):
         self.source = name
         self._gt_from_file = gt_from_file
         self._coco_gt: COCO | None = None
-        ids = np.asarray(index.image_id)
-        if len(np.unique(ids)) != len(ids):
-            raise DataError(f"{name}: image ids are not unique")
-
-        image_of = index.image_of_annotation()
-        width, height = np.asarray(index.width), np.asarray(index.height)
-        boxes = clip_boxes(np.asarray(index.ann_bbox), index.box_format, width[image_of], height[image_of])
-        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        crowd = np.asarray(index.ann_crowd, dtype=bool)
-        self.degenerate_boxes = [self.describe_annotation(int(j), int(image_of[j]))
-                                 for j in np.flatnonzero(~valid & ~crowd)]
+        if index.trained_count is None:
+            index.finish()
+        self.degenerate_boxes = [self.describe_annotation(int(j), int(np.searchsorted(index.ann_start, j, "right")) - 1)
+                                 for j in index.degenerate]
         log_degenerate(name, self.degenerate_boxes)
-        trained = np.bincount(image_of[valid & ~crowd], minlength=len(ids))
-        self._keep = np.flatnonzero(trained > 0) if filter_empty else np.arange(len(ids))
+        ids = np.asarray(index.image_id)
+        self._keep = np.flatnonzero(np.asarray(index.trained_count) > 0) if filter_empty else np.arange(len(ids))
         self.image_ids: list[int] = ids[self._keep].tolist()
 
     def describe_annotation(self, j: int, image: int) -> str:

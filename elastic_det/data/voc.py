@@ -147,7 +147,7 @@ def _build_index(root: str, names: list[str], source: DataSource) -> AnnotationI
         ann_bbox=bbox, ann_area=(bbox[:, 2] - bbox[:, 0]) * (bbox[:, 3] - bbox[:, 1]),
         ann_crowd=np.array(crowd, dtype=bool), cat_id=np.arange(len(class_names), dtype=np.int64),
         cat_names=Strings.from_list(class_names),
-    )
+    ).finish()
 
 
 def _parse_xml(path: str, raw: bytes) -> _VocAnnotation:
