@@ -14,7 +14,9 @@
        respawn         -> the agent has spawned the new workers (its stop + rendezvous + spawn)
    SIGTERM preemption (to the agent, as Kubernetes or torchrun shutdown does) and relaunch, as a scheduler
    would, the moment torchrun exits:
-       save + exit     signal -> every worker and the agent have exited (step finished, checkpoint saved)
+       step + save     signal -> the preemption checkpoint is committed (the step in flight finished)
+       workers exit    -> both workers have exited
+       agent exit      -> torchrun has exited
        respawn         relaunch -> the new agent has spawned its workers (agent start-up + rendezvous)
    then, in both cases, per new worker (the slower of the two ranks at each mark), from its spawn:
        interpreter     -> the worker's Python is running our code
@@ -371,7 +373,11 @@ def bench_sigterm(root: Path, tree: Path, cache: Path, restarts: int, options: l
             preempt = [r for r in records(c.work) if r.get("event") == "preempt" and r["time"] > t0]
             resume = [r for r in records(c.work) if r.get("event") == "resume" and r["time"] > t0]
             assert preempt and resume and resume[0]["step"] == preempt[0]["step"], (preempt, resume)
-            rows.append({"save + exit": marks["agent_exit"] - t0, "respawn": marks["spawned"] - marks["agent_exit"],
+            saved = [r["time"] for r in records(c.work) if r.get("event") == "checkpoint" and r["time"] > t0
+                     and r.get("reason") == "preempt"][0]
+            rows.append({"step + save": saved - t0, "workers exit": marks["workers_exit"] - saved,
+                         "agent exit": marks["agent_exit"] - marks["workers_exit"],
+                         "respawn": marks["spawned"] - marks["agent_exit"],
                          **worker_phases(marks["spawned"], c.probe_marks(new), marks["first_step"]),
                          "total": marks["first_step"] - t0})
             last = marks["first_step"]
@@ -418,11 +424,12 @@ def restart_section(root: Path, restarts: int, baseline: str | None) -> None:
                     "log.progress_bar=never"], env=tree_env(REPO, cache), cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t, load = time.time(), os.getloadavg()[0]
+    killed = {}  # case by case, the trees one after the other: both see about the same load
+    for i, (label, tree) in enumerate(trees):
+        killed[label] = bench_sigkill(root / f"kill-{i}", tree, cache, restarts, options)
     results = {}
     for i, (label, tree) in enumerate(trees):
-        kill, detail = bench_sigkill(root / f"kill-{i}", tree, cache, restarts, options)
-        term = bench_sigterm(root / f"term-{i}", tree, cache, restarts, options)
-        results[label] = (kill, detail, term)
+        results[label] = (*killed[label], bench_sigterm(root / f"term-{i}", tree, cache, restarts, options))
     print(f"embedded default (tiny FCOS, shapes), torchrun --nproc-per-node 2, gloo, {os.cpu_count()} CPUs, "
           f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; {', '.join(options)}, "
           "log.interval=1\n")
