@@ -288,8 +288,8 @@ def test_training_under_storage_faults(tmp_path, s3_server, proxy, url, procs):
           f"{({k: round(v, 2) for k, v in sorted(holds.items())})}")
     for request in proxy.served():
         if request.fault:
-            print(f"  {request.fault:>14} {request.method} {request.target.split('?')[0][-60:]} "
-                  f"{request.end - request.start:.2f} s")
+            held = f"{request.end - request.start:.2f} s" if request.end else "held until the proxy stops"
+            print(f"  {request.fault:>14} {request.method} {request.target.split('?')[0][-60:]} {held}")
 
 
 KINDS_SERVED = ("503", "reset_request", "reset_response", "stall")
