@@ -19,7 +19,7 @@ from torch import nn
 from . import dist
 from .checkpoint.store import Checkpoint, CheckpointStore
 from .data.plan import Progress
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, InfrastructureError, UserError
 from .models.weights import load_model_state
 from .runner.optim import restore_scheduler
 from .storage import WorkDir
@@ -111,10 +111,13 @@ def find_checkpoint(store: CheckpointStore, resume: str) -> Checkpoint | None:
     """The checkpoint to resume from (``--resume auto|none|PATH``), the same on every rank.
 
     Rank 0 decides (falling back past broken ones); the others load that one. An error on rank 0 reaches
-    every rank as the same error, so each ends with the same one-paragraph message.
+    every rank as the same error, so each ends with the same one-paragraph message. With ``auto`` the other
+    ranks load the newest committed checkpoint while rank 0 decides (a restart does not wait for two
+    loads in a row), and keep it when rank 0 chose the same.
     """
     if resume == "none":
         return None
+    early = _newest_committed(store) if resume == "auto" and not dist.is_main() else None
     checkpoint = None
     choice: tuple[str, str] | None = None
     if dist.is_main():
@@ -130,4 +133,16 @@ def find_checkpoint(store: CheckpointStore, resume: str) -> Checkpoint | None:
         return None
     if choice[0] == "error":
         raise CheckpointError(choice[1])
-    return checkpoint if dist.is_main() else store.load(choice[1])
+    if dist.is_main():
+        return checkpoint
+    return early if early is not None and early.location == choice[1] else store.load(choice[1])
+
+
+def _newest_committed(store: CheckpointStore) -> Checkpoint | None:
+    """A guess at rank 0's choice: the newest committed checkpoint, or None when it does not load (then the
+    rank loads rank 0's choice after all; rank 0 reports what was wrong)."""
+    try:
+        step = store.newest_committed_step()
+        return store.load(store.location(step)) if step is not None else None
+    except (UserError, InfrastructureError, OSError):
+        return None
