@@ -416,8 +416,9 @@ def test_indexed_job_script_builds_the_launcher_command(launcher, procs, tmp_pat
 def test_elastic_run_forwards_the_first_signal_once_and_exits_143(standins, procs, tmp_path):
     _, rec = standins
     log = tmp_path / "run.log"
+    supervise = f"--no-preflight --work-dir {tmp_path / 'work'}"  # no config/data check, no log in the repo
     proc = procs.start([str(ELASTIC_RUN), "--standalone", "--nproc-per-node=2", "-m", "elastic_det.train"],
-                       standin_env(standins), log)
+                       standin_env(standins, SUPERVISE_ARGS=supervise), log)
     got = recorded(rec)
     assert got["argv"] == ["--standalone", "--nproc-per-node=2", "-m", "elastic_det.train"]
     env = got["env"]
@@ -482,7 +483,8 @@ def test_elastic_run_in_a_slurm_step_leaves_forwarding_to_slurm(standins, procs,
 def test_dist_train_builds_a_standalone_command(standins, procs, tmp_path):
     bin_dir, rec = standins
     log = tmp_path / "run.log"
-    env = standin_env(standins, TORCHRUN=str(bin_dir / "torchrun"), STANDIN_MODE="exit:0")
+    env = standin_env(standins, TORCHRUN=str(bin_dir / "torchrun"), STANDIN_MODE="exit:0",
+                      SUPERVISE_ARGS=f"--no-preflight --work-dir {tmp_path / 'work'}")
     proc = procs.start([str(DIST_TRAIN), "configs/default.yaml", "2", "--work-dir", "w d",
                         "--cfg-options", "train.max_steps=5"], env, log)
     assert finish(proc, 30, log) == 0, tail(log)
@@ -502,7 +504,8 @@ def test_dist_train_env_overrides_and_a_shared_endpoint(standins, procs, tmp_pat
     bin_dir, rec = standins
     log = tmp_path / "run.log"
     env = standin_env(standins, TORCHRUN=str(bin_dir / "torchrun"), STANDIN_MODE="exit:0", NNODES="1:2",
-                      RDZV_ENDPOINT="127.0.0.1:29555", RDZV_ID="job7", MAX_RESTARTS="9", SHUTDOWN_TIMEOUT="45")
+                      RDZV_ENDPOINT="127.0.0.1:29555", RDZV_ID="job7", MAX_RESTARTS="9", SHUTDOWN_TIMEOUT="45",
+                      SUPERVISE_ARGS=f"--no-preflight --work-dir {tmp_path / 'work'}")
     proc = procs.start([str(DIST_TRAIN), "default", "1"], env, log)
     assert finish(proc, 30, log) == 0, tail(log)
     argv = recorded(rec)["argv"]
