@@ -241,12 +241,13 @@ def test_missing_objects_name_the_url(shapes_coco, s3_bucket, tmp_path):
 
 
 def test_a_denied_bucket_is_bad_input_naming_the_url(tmp_path, monkeypatch):
-    # A moto server that checks permissions: a user without any policy is denied.
-    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "5")  # the start-up probe and the set-up below
+    # A moto server that checks permissions after its first 50 requests: a user without any policy is denied.
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "50")
     server = MotoServer.start()
     monkeypatch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
     try:
         import boto3
+        from botocore.exceptions import ClientError
 
         client = server.client()
         client.create_bucket(Bucket="private")
@@ -255,6 +256,13 @@ def test_a_denied_bucket_is_bad_input_naming_the_url(tmp_path, monkeypatch):
                            aws_secret_access_key="testing", region_name="us-east-1")
         iam.create_user(UserName="reader")
         key = iam.create_access_key(UserName="reader")["AccessKey"]
+        for _ in range(50):  # use up the unchecked requests: from here on every request is checked
+            try:
+                client.list_buckets()
+            except ClientError:
+                break
+        else:
+            pytest.fail("the moto server never started checking permissions")
         options = {"endpoint_url": server.endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
         source = DataSource(str(tmp_path), 1 << 30, storage_options=options)
         with pytest.raises(DataError, match=r"Access denied to s3://private/coco/ann.json") as info:
