@@ -55,9 +55,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .run_files import RunFiles
+from .run_files import LEDGER, RunFiles
 
-LEDGER = "ledger.jsonl"
 FORMAT = 1
 LAUNCH_TIME_ENV = "ELASTIC_DET_LAUNCH_TIME"
 MARKS = ("process_start", "imports_done", "dist_ready", "restore_done", "train_start", "first_step")

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 TEXT_LOG = "train.log"
+LEDGER = "ledger.jsonl"
+HISTORY = (METRICS, TEXT_LOG, LEDGER)
+"""The files that continue across attempts: a relaunch on another machine downloads them first."""
 
 
 class RunFiles:
@@ -39,8 +42,8 @@ class RunFiles:
         if enabled:
             os.makedirs(self.local_root, exist_ok=True)
             if not work_dir.is_local:
-                self._download(METRICS)
-                self._download(TEXT_LOG)
+                for relpath in HISTORY:
+                    self._download(relpath)
 
     def local_path(self, relpath: str) -> str:
         return os.path.join(self.local_root, relpath)

@@ -467,8 +467,6 @@ def test_real_short_run_has_a_ledger_and_a_done_report(tmp_path, capsys):
         assert image.format == "PNG"
 
 
-@pytest.mark.xfail(strict=True, reason="RunFiles does not download ledger.jsonl from an object-store work dir yet "
-                   "(run_files.py: add it beside metrics.jsonl and train.log); remove this marker with that fix")
 def test_s3_ledger_keeps_every_attempt_when_the_relaunch_runs_elsewhere(s3_bucket, s3_server, tmp_path, capsys):
     """Two attempts on an S3 work dir, each with its own local mirror (as on two machines): the ledger in the
     bucket holds both, so the report sees the whole history."""
