@@ -51,6 +51,31 @@ class StateChangedError(RuntimeError):
     """A tensor of the state changed in place after ``submit`` but before the save thread copied it."""
 
 
+_pending_copies: set[threading.Event] = set()  # one per save whose deferred copies are not done yet
+_pending_lock = threading.Lock()
+_fence_installed = False
+
+
+def _fence(optimizer: Any, args: Any, kwargs: Any) -> None:
+    """Global optimizer step pre-hook: wait until every snapshot in progress has copied its tensors.
+
+    Installed once and never removed: removing a hook from the save thread could mutate torch's hook
+    dict while ``optimizer.step`` iterates over it. Idle, it costs one lock per step.
+    """
+    with _pending_lock:
+        pending = list(_pending_copies)
+    for copied in pending:
+        copied.wait()
+
+
+def _install_fence() -> None:
+    global _fence_installed
+    with _pending_lock:
+        if not _fence_installed:
+            register_optimizer_step_pre_hook(_fence)
+            _fence_installed = True
+
+
 def snapshot_to_cpu(state: dict, reuse: dict | None = None, defer: list[DeferredCopy] | None = None) -> dict:
     """A deep copy of ``state`` with every tensor copied into CPU memory that the copy owns.
 
@@ -147,6 +172,12 @@ def _memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
     ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.nbytes)
 
 
+def _copies_done(copied: threading.Event) -> None:
+    copied.set()
+    with _pending_lock:
+        _pending_copies.discard(copied)
+
+
 def _lower_priority() -> None:
     """Make this thread yield the CPU to training (Linux: a thread's nice value is its own)."""
     if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
@@ -176,8 +207,6 @@ class AsyncSaver:
         self.defer_copies = defer_copies
         self._thread: threading.Thread | None = None
         self._spare: dict | None = None
-        self._copied = threading.Event()
-        self._copied.set()
 
     def submit(self, step: int, state: dict, meta: dict, on_done: OnDone) -> None:
         """Snapshot ``state`` (blocking, except the deferred copies) and save it in the background.
@@ -191,28 +220,27 @@ class AsyncSaver:
         deferred: list[DeferredCopy] | None = [] if self.defer_copies else None
         snapshot = snapshot_to_cpu(state, reuse=self._spare, defer=deferred)
         self._spare = None
-        fence = None
+        copied = threading.Event()
         if deferred:
-            self._copied.clear()
-            fence = register_optimizer_step_pre_hook(self._wait_for_copies)
+            _install_fence()
+            with _pending_lock:
+                _pending_copies.add(copied)
         self._thread = threading.Thread(target=self._run, name=f"checkpoint-step-{step}",
-                                        args=(step, snapshot, deferred or [], fence, dict(meta), on_done, start))
-        self._thread.start()
+                                        args=(step, snapshot, deferred or [], copied, dict(meta), on_done, start))
+        try:
+            self._thread.start()
+        except BaseException:
+            _copies_done(copied)
+            raise
 
-    def _wait_for_copies(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if threading.current_thread() is not self._thread:
-            self._copied.wait()
-
-    def _run(self, step: int, snapshot: dict, deferred: list[DeferredCopy], fence: Any, meta: dict,
+    def _run(self, step: int, snapshot: dict, deferred: list[DeferredCopy], copied: threading.Event, meta: dict,
              on_done: OnDone, start: float) -> None:
         manifest, error = None, None
         try:
             try:
                 copy_deferred(deferred)
             finally:
-                self._copied.set()
-                if fence is not None:
-                    fence.remove()
+                _copies_done(copied)
             _lower_priority()
             manifest = self.store.save(step, snapshot, meta)
         except BaseException as e:  # reported to on_done; the training thread decides what to do
