@@ -12,8 +12,9 @@ Three runs of the same config under ``torchrun --nproc-per-node 2`` (gloo, CPU),
 (c) a SIGKILL of one worker every N seconds (alternately rank 1 and rank 0); torchrun ``--max-restarts``
     restarts the workers.
 
-An interruption waits, if need be, until the attempt has finished a step (so a machine too slow to start
-within N seconds still makes progress).
+A preemption waits, if need be, until the attempt has finished a step, and a kill until a checkpoint was
+committed since the previous kill: otherwise a machine too slow to reach a checkpoint within N seconds
+would never finish (the wait is part of the wall time; the count of interruptions is printed).
 
 For each it prints the wall time (first launch to the last exit), ``python -m elastic_det.report``'s goodput
 and its breakdown, and the ground truth: the time the uninterrupted run took for the same steps (from its
@@ -27,6 +28,7 @@ so the per-step time of every run is printed too. Every launch sets ``ELASTIC_DE
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +82,17 @@ def steps_time(work: Path) -> tuple[float, int]:
     return last["time"] - start["time"] - saves, last["step"] - start["step"]
 
 
+def committed_since(work: Path, since: float) -> bool:
+    """A checkpoint was committed after ``since`` (the manifests' ``created``)."""
+    for manifest in (work / "checkpoints").glob("step-*/manifest.json"):
+        try:
+            if json.loads(manifest.read_text()).get("created", 0) > since:
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
 def worker_ranks(agent: int) -> dict[int, int]:
     """RANK -> pid of the agent's worker processes."""
     out = {}
@@ -117,7 +130,7 @@ class Bench:
             agent = self.launch(work, log, max_restarts=1000)
             launches, victim, last = 1, 1, start
             while agent.poll() is None:
-                if time.time() - last >= self.every and trained_since(work, last):
+                if time.time() - last >= self.every and committed_since(work, last):
                     pid = worker_ranks(agent.pid).get(victim)
                     if pid is not None:
                         os.kill(pid, signal.SIGKILL)
