@@ -70,12 +70,6 @@ class DataSource:
             return self.remote.read_many(paths, what)
         return [self.read_bytes(p, what) for p in paths]
 
-    def check_file(self, path: str, what: str) -> None:
-        if is_url(path):
-            self.remote.info(path, what)
-        elif not os.path.isfile(path):
-            raise DataError(f"{what} not found: {path}")
-
     def check_folder(self, path: str, what: str) -> None:
         if is_url(path):
             self.remote.check_folder(path, what)
