@@ -331,3 +331,35 @@ def test_torchrun_from_the_store_trains_evaluates_and_traces_like_a_local_copy(s
     cached = [p for p in (tmp_path / "s3" / "cache" / "images").rglob("objects/*/*") if not p.name.startswith(".")]
     assert len(cached) >= 48  # every training image at least once through the node-local cache
     assert json.loads((runs["s3"] / "trace" / "attempt-0.jsonl").read_text().splitlines()[0])["step"] == 0
+
+
+def test_a_voc_set_in_the_store_equals_its_local_copy(s3_bucket, tmp_path):
+    import shutil
+
+    bccd = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "BCCD"
+    assert bccd.is_dir(), f"The BCCD dataset is missing: expected it at {bccd}"
+    names = ["BloodImage_00001", "BloodImage_00003", "BloodImage_00338"]  # 00338 has a zero-size box
+    local = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (local / sub).mkdir(parents=True)
+    for n in names:
+        shutil.copy(bccd / "Annotations" / f"{n}.xml", local / "Annotations")
+        shutil.copy(bccd / "JPEGImages" / f"{n}.jpg", local / "JPEGImages")
+    (local / "ImageSets/Main/train.txt").write_text("\n".join(names) + "\n")
+    url = upload(s3_bucket, local, "voc")
+    cfg = DataConfig(type="voc", root=url)
+    cfg.cache.dir = str(tmp_path / "cache")
+    remote = build_dataset(cfg, "train")
+    reference = build_dataset(DataConfig(type="voc", root=str(local)), "train")
+    assert remote.image_ids == reference.image_ids == [1, 3, 338]
+    assert remote.class_names == reference.class_names
+    dropped = [d.split("Annotations/")[1] for d in remote.degenerate_boxes]
+    assert dropped == [d.split("Annotations/")[1] for d in reference.degenerate_boxes]
+    assert len(dropped) == 1 and dropped[0].startswith("BloodImage_00338.xml object 12 ")
+    assert remote.degenerate_boxes[0].startswith(f"{url}/Annotations/")
+    for i in range(len(remote)):
+        (a, ta), (b, tb) = remote[i], reference[i]
+        assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
+    assert remote.coco_gt().dataset["annotations"] == reference.coco_gt().dataset["annotations"]
+    with pytest.raises(DataError, match=r"VOC split file not found: .*/val.txt \(splits found: train\)"):
+        build_dataset(DataConfig(type="voc", root=url, val_split="val", classes=["RBC"]), "val")
