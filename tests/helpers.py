@@ -40,7 +40,7 @@ def base_env(cache_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def fast_overrides(cache_dir: Path, *more: str) -> list[str]:
-    return [*FAST, f"data.shapes.cache_dir={cache_dir}", *more]
+    return [*FAST, f"data.shapes.cache_dir={cache_dir}", f"data.cache.dir={cache_dir}/data-cache", *more]
 
 
 def torchrun_cmd(nproc: int, train_args: list[str], max_restarts: int = 0, extra: list[str] | None = None,
