@@ -129,7 +129,7 @@ def step_workload():
         torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(), torch.nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images, labels = torch.randn(8, 3, 96, 96), torch.randint(0, 10, (8,))
+    images, labels = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
 
     def step() -> float:
         start = time.perf_counter()

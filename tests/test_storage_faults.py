@@ -193,6 +193,16 @@ def test_one_fault_during_a_load_is_retried_and_the_object_is_whole(url, proxy, 
     assert torch.equal(checkpoint.state["model"]["w"], state["model"]["w"])
 
 
+def test_a_large_object_cut_mid_answer_is_read_again(url, proxy, s3_server):
+    """Above s3fs's 50 MB read block a body cut by a reset is not retried by s3fs: WorkDir reads again."""
+    raw = direct(url, s3_server).work_dir
+    data = bytes(range(256)) * (60 * 2**20 // 256)
+    raw.write_bytes_atomic("big.bin", data)
+    proxy.add(Fault("reset_response", method="GET", path=r"/big\.bin"))
+    assert WorkDir(url, timeout=TIMEOUT).read_bytes("big.bin") == data
+    assert len(proxy.served("reset_response")) == 1
+
+
 def test_a_partial_object_under_a_manifest_is_never_loaded(url, proxy, s3_server):
     """A manifest whose data object was cut short (written by another tool, or damaged): fallback."""
     store = faulty_store(url)

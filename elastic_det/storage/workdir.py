@@ -259,10 +259,8 @@ class WorkDir:
             self.fs.invalidate_cache(path)
             try:
                 return self.fs.cat_file(path)
-            except FileNotFoundError:
-                raise
             except _STORAGE_ERRORS as e:
-                if is_final(e):
+                if not _cut_mid_body(e):
                     raise
                 return self.fs.cat_file(path)
         except FileNotFoundError:
@@ -467,6 +465,23 @@ def is_final(error: BaseException) -> bool:
             isinstance(cause, boto_errors.BotoCoreError):
         return is_final(cause)
     return False
+
+
+def _cut_mid_body(error: BaseException) -> bool:
+    """Whether a read failed because the answer's body was cut off (a reset), not by a timeout."""
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, TimeoutError):
+            return False
+        if isinstance(cause, ConnectionResetError) or type(cause).__name__ in _CUT_BODY:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+_CUT_BODY = frozenset({"ClientPayloadError", "ContentLengthError", "ResponseStreamingError", "IncompleteReadError"})
 
 
 def storage_error(message: str, error: BaseException, reason: str = "") -> StorageError | StorageUnavailableError:
