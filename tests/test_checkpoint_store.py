@@ -635,6 +635,20 @@ def test_async_submit_waits_for_the_save_in_flight():
     assert done == [1, 2] and store.saved == [1, 2]
 
 
+def test_async_on_done_bug_is_raised_in_the_training_thread():
+    store = BlockingStore()
+    store.release.set()
+    saver = AsyncSaver(store)
+
+    def broken_callback(manifest, error, seconds):
+        raise KeyError("a bug in the callback")
+
+    saver.submit(4, {"x": torch.zeros(2)}, {}, broken_callback)
+    with pytest.raises(KeyError, match="a bug in the callback"):
+        saver.wait()
+    saver.wait()  # raised once
+
+
 def test_async_on_done_reports_errors():
     store = BlockingStore()
     store.fail = True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import logging
 import os
 import threading
 import time
@@ -25,8 +24,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .manifest import Manifest
 from .store import CheckpointStore
-
-log = logging.getLogger(__name__)
 
 OnDone = Callable[[Manifest | None, BaseException | None, float], None]
 
@@ -207,6 +204,7 @@ class AsyncSaver:
         self.defer_copies = defer_copies
         self._thread: threading.Thread | None = None
         self._spare: dict | None = None
+        self._callback_error: BaseException | None = None
 
     def submit(self, step: int, state: dict, meta: dict, on_done: OnDone) -> None:
         """Snapshot ``state`` (blocking, except the deferred copies) and save it in the background.
@@ -249,14 +247,20 @@ class AsyncSaver:
             self._spare = snapshot
         try:
             on_done(manifest, error, time.perf_counter() - start)
-        except Exception:
-            log.exception("Checkpoint on_done callback failed for step %d", step)
+        except BaseException as e:  # a bug in the callback: raised in the training thread by wait()
+            self._callback_error = e
 
     def wait(self) -> None:
-        """Block until no save is in flight (a no-op when called from the save thread itself)."""
+        """Block until no save is in flight (a no-op when called from the save thread itself).
+
+        Raises what an ``on_done`` callback raised (a bug: it must not vanish with the save thread).
+        """
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+            error, self._callback_error = self._callback_error, None
+            if error is not None:
+                raise error
 
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
