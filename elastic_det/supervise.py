@@ -11,7 +11,9 @@ start torchrun again:
   another writer owns the work dir) reports it through ``ELASTIC_DET_EXIT_DIR`` (see exit_status.py), and
   the supervisor stops torchrun at once and exits with that code: torchrun never retries bad input;
 * any other failure is retried while the newest committed checkpoint step keeps advancing; after
-  ``--max-stalled-attempts`` attempts in a row that committed nothing, it gives up with exit 4;
+  ``--max-stalled-attempts`` attempts in a row that committed nothing, and at least
+  ``--min-stall-seconds`` since the last progress (room for a replaced rendezvous host to come back, whose
+  absence makes every other node's attempts fail fast), it gives up with exit 4;
 * SIGTERM, SIGINT, SIGHUP (sent on as SIGTERM), SIGUSR1 and SIGUSR2 are forwarded to torchrun once, the
   first one only (a repeated signal aborts torchrun's wait for its workers); the workers save and stop,
   and the supervisor exits 143 (preempted: run the same command again to resume);
@@ -62,6 +64,7 @@ except OSError:  # pragma: no cover - no C library to ask
 class Options:
     max_stalled_attempts: int = 3
     work_dir: str | None = None
+    min_stall_s: float = 0.0  # give up only this long after the last progress (or the start)
     preflight: bool = True
     forward_signals: bool = True
     backoff_s: float = 1.0  # wait before the first retry without progress; doubles up to max_backoff_s
@@ -76,6 +79,8 @@ def parse_cli(argv: list[str]) -> tuple[Options, list[str]]:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--max-stalled-attempts", type=int, default=3, metavar="K",
                    help="give up (exit 4) after K attempts in a row that committed no new checkpoint [3]")
+    p.add_argument("--min-stall-seconds", type=float, default=0.0, metavar="S",
+                   help="and only when the last progress (or the start) is at least S seconds ago [0]")
     p.add_argument("--work-dir", help="the work dir to watch (default: the one of the train command)")
     p.add_argument("--no-preflight", action="store_true", help="skip the config/data/work-dir pre-flight")
     p.add_argument("--no-forward-signals", action="store_true",
@@ -91,8 +96,11 @@ def parse_cli(argv: list[str]) -> tuple[Options, list[str]]:
         p.error("no COMMAND after --")
     if args.max_stalled_attempts < 1:
         p.error("--max-stalled-attempts must be at least 1")
-    return Options(args.max_stalled_attempts, args.work_dir, not args.no_preflight, not args.no_forward_signals,
-                   args.backoff, args.max_backoff, stop_timeout_s=args.stop_timeout), command
+    if args.min_stall_seconds < 0:
+        p.error("--min-stall-seconds must be >= 0")
+    return Options(args.max_stalled_attempts, args.work_dir, args.min_stall_seconds, not args.no_preflight,
+                   not args.no_forward_signals, args.backoff, args.max_backoff,
+                   stop_timeout_s=args.stop_timeout), command
 
 
 def default_stop_timeout(command: list[str]) -> float:
@@ -121,6 +129,7 @@ class Supervisor:
         self.signal_got: int | None = None  # the first handled signal
         self.later_signals: list[int] = []
         self.log = AttemptLog(None)
+        self.last_progress = time.monotonic()  # of the last attempt that committed a new step (or the start)
         self.best_step: int | None = None  # the newest committed step seen after an attempt (or before the first)
         self.store = None
 
@@ -149,6 +158,7 @@ class Supervisor:
         if code is not None:
             return code
         stalled, attempt, backoff = 0, 0, 0.0
+        self.last_progress = time.monotonic()
         while True:
             if self.signal_got is not None:
                 say(f"got {_name(self.signal_got)} before starting an attempt; exiting 143 (run again to resume)")
@@ -158,6 +168,8 @@ class Supervisor:
             if code is not None:
                 return code
             stalled = 0 if progressed else stalled + 1
+            if progressed:
+                self.last_progress = time.monotonic()
             backoff = 0.0 if progressed else min(self.opts.max_backoff_s, max(backoff * 2, self.opts.backoff_s))
             if backoff:
                 self.wake.wait(backoff)  # a signal cuts it short
@@ -211,7 +223,8 @@ class Supervisor:
             code, decision = 0, "done"
         elif self.signal_got is not None:
             code, decision = PREEMPTED_EXIT_CODE, "preempted"
-        elif progressed or stalled + 1 < self.opts.max_stalled_attempts:
+        elif progressed or stalled + 1 < self.opts.max_stalled_attempts or \
+                time.monotonic() - self.last_progress < self.opts.min_stall_s:
             code, decision = None, "retry"
         else:
             code, decision = NO_PROGRESS_EXIT_CODE, "give_up"
@@ -221,9 +234,10 @@ class Supervisor:
             f"{_show(after)} ({gained:+d}); {decision}")
         if decision == "give_up":
             where = target.work_dir.url if target.work_dir is not None else "(no work dir known)"
-            say(f"error: giving up: {self.opts.max_stalled_attempts} attempts in a row committed no new "
-                f"checkpoint to {where}; the last one exited {rc}. Look at its output above and at the "
-                f"work dir's train.log; exiting {NO_PROGRESS_EXIT_CODE}")
+            waited = time.monotonic() - self.last_progress
+            say(f"error: giving up: {stalled + 1} attempts in a row committed no new checkpoint to {where} in "
+                f"{waited:.0f} s; the last one exited {rc}. Look at its output above and at the work dir's "
+                f"train.log; exiting {NO_PROGRESS_EXIT_CODE}")
         elif decision == "preempted":
             say(f"stopped after {_name(self.signal_got)}: exiting 143 (run the same command again to resume)")
         return code, progressed

@@ -37,6 +37,7 @@
 #   TORCHRUN   the torchrun command (default: torchrun on PATH, or "$PYTHON -m torch.distributed.run" when
 #              PYTHON is set)
 #   MAX_STALLED_ATTEMPTS  attempts in a row without a new checkpoint before giving up [3]
+#   MIN_STALL_SECONDS     ... and only when the last new checkpoint (or the start) is this long ago [0]
 #   SUPERVISE_ARGS        more supervisor options, word-split (e.g. "--backoff 5 --no-preflight")
 #   ELASTIC_RUN_FORWARD   auto (forward, except inside a Slurm job step) | 1 (always) | 0 (never) [auto]
 #   ELASTIC_RUN_QUIET=1   do not print the settings and the command line
@@ -58,7 +59,7 @@ else
 fi
 cmd+=("$@")
 
-supervise=(--max-stalled-attempts "${MAX_STALLED_ATTEMPTS:-3}")
+supervise=(--max-stalled-attempts "${MAX_STALLED_ATTEMPTS:-3}" --min-stall-seconds "${MIN_STALL_SECONDS:-0}")
 case "${ELASTIC_RUN_FORWARD:-auto}" in
   1) ;;
   0) supervise+=(--no-forward-signals) ;;

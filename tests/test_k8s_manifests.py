@@ -298,7 +298,8 @@ def test_pods_are_guaranteed_restricted_and_know_their_grace(name, pod, resource
     assert env["ELASTIC_DET_GRACE_SECONDS"]["value"] == str(pod["terminationGracePeriodSeconds"])
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"
     # Room for the store host's replacement pod before the other supervisors give up (exit 4, final).
-    assert int(env["MAX_STALLED_ATTEMPTS"]["value"]) >= 5
+    # a replaced pod 0 (the store host) makes the others' attempts fail fast: give up only after minutes
+    assert int(env["MAX_STALLED_ATTEMPTS"]["value"]) >= 3 and int(env["MIN_STALL_SECONDS"]["value"]) >= 300
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # never inline; optional: workload identity
         assert "value" not in env[var] and env[var]["valueFrom"]["secretKeyRef"]["optional"] is True
     assert pod["serviceAccountName"] == "elastic-det"

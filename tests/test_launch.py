@@ -242,7 +242,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def standin_env(standins, **extra: str) -> dict[str, str]:
     bin_dir, rec = standins
-    return clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", STANDIN_DIR=str(rec), **extra)
+    # the scripts run `python3` (the supervisor): this interpreter's, with the project installed
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])
+    return clean_env(PATH=path, STANDIN_DIR=str(rec), **extra)
 
 
 def recorded(rec: Path, timeout: float = 30) -> dict:

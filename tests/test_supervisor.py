@@ -176,6 +176,17 @@ def test_gives_up_after_k_attempts_in_a_row_without_a_commit(tmp_path, capfd, co
     assert f"the last one exited {code}" in err
 
 
+def test_min_stall_seconds_keeps_retrying_until_that_long_without_progress(tmp_path):
+    """A rendezvous host being replaced makes every attempt fail fast: K attempts alone must not end the job."""
+    standin = Standin(tmp_path, [{"exit": 1}])
+    start = time.monotonic()
+    result, log = supervise_in_process(standin, max_stalled_attempts=2, min_stall_s=1.5)
+    assert result == NO_PROGRESS_EXIT_CODE
+    assert time.monotonic() - start >= 1.5
+    decisions = [d for *_, d in ends(log)]
+    assert len(decisions) > 2 and decisions[-1] == "give_up" and set(decisions[:-1]) == {"retry"}
+
+
 def test_progress_resets_the_stall_count(tmp_path):
     """Five failures in a row are retried while each one commits; then K=2 without a commit give up."""
     plan = [{"commit": 2, "exit": 1}, {"commit": 4, "exit": 143}, {"commit": 6, "exit": 75},
