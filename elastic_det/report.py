@@ -138,9 +138,9 @@ def build_report(history: History, now: float | None = None, stale_after: float 
             continue
         if a.last_step < need:
             until = attempts[i + 1].start if i + 1 < len(attempts) else a.last_time
-            extend_steps(a, need, until, a.seconds_per_step() or rate)
-            notes.append(f"attempt {i}: steps up to {need} were committed but not all are on record (the work "
-                         "dir lost the attempt's last log lines); their time is estimated from its step rate.")
+            if extend_steps(a, need, until, a.seconds_per_step() or rate):
+                notes.append(f"attempt {i}: steps up to {need} were committed but not all are on record (the "
+                             "work dir lost the attempt's last log lines); their time is estimated from its step rate.")
         kept[i] = (a.first_step, min(a.last_step, need))
         need = a.first_step
 

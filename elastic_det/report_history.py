@@ -328,16 +328,25 @@ def attempt_at(attempts: list[Attempt], t: float) -> int | None:
     return i if i >= 0 else None
 
 
-def extend_steps(a: Attempt, step: int, until: float, rate: float | None) -> float:
+def extend_steps(a: Attempt, step: int, until: float, rate: float | None) -> bool:
     """Steps ``a.last_step+1..step`` that ``a`` must have done (a later commit or resume proves them) but
-    that are not on record: their time estimated at ``rate`` s/step, at most up to ``until``."""
-    missing = step - a.last_step
-    if missing <= 0:
-        return 0.0
-    seconds = min(missing * (rate or 0.0), max(until - a.loop_time, 0.0))
-    a.intervals.append(Interval(a.last_step, step, seconds, a.loop_time + seconds, "estimate"))
-    a.last_time = max(a.last_time, a.loop_time)
-    return seconds
+    that have no step record (between train records of metrics.jsonl, or lost log lines). With ``a``'s
+    checkpoint record of ``step`` their time is measured: from the record before them to that save's start;
+    without it, estimated at ``rate`` s/step, at most up to ``until``. True when estimated."""
+    if step <= a.last_step:
+        return False
+    commit = next((c for c in a.checkpoints if c.step == step), None)
+    end = commit.time - commit.seconds if commit is not None else until
+    before = [iv.time for iv in a.intervals] + [t.time for t in a.checkpoints + a.evals if t.time <= end]
+    before += [a.marks[m] for m in ("train_start", "restore_done", "dist_ready") if m in a.marks]
+    begin = max(before, default=a.start)
+    window = max(end - begin, 0.0)
+    seconds = window if commit is not None else min((step - a.last_step) * (rate or 0.0), window)
+    a.intervals.append(Interval(a.last_step, step, seconds, begin + seconds,
+                                "metrics" if commit is not None else "estimate"))
+    a.intervals.sort(key=lambda iv: iv.last)
+    a.last_time = max(a.last_time, begin + seconds)
+    return commit is None
 
 
 def _reconcile_manifests(h: History) -> None:

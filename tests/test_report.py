@@ -500,3 +500,18 @@ def test_attempt_that_failed_while_starting_produced_no_steps(tmp_path):
     last = d["attempts"][-1]
     assert (last["how"], last["error"], last["trained"], last["good_steps"]) == ("failed", "CheckpointError", False, 0)
     assert (last["buckets"]["startup"], last["buckets"]["other"]) == (pytest.approx(3.0), pytest.approx(2.0))
+
+
+def test_steps_between_train_records_up_to_a_preemption_save_are_measured_not_estimated(tmp_path):
+    """metrics.jsonl logs every 20 steps; a preemption saves at step 59: steps 41-59 took from the save at
+    40 to the start of the save at 59."""
+    url = str(tmp_path / "run")
+    metrics = [_event("start", 0, 0, world_size=2, max_steps=60), _train(20, 20, 2), _train(40, 40, 2),
+               _event("checkpoint", 40, 41, seconds=1.0), _event("checkpoint", 59, 61, seconds=1.0),
+               _event("preempt", 59, 61, signal="SIGTERM"), _event("resume", 59, 70, world_size=2),
+               _train(60, 71, 2), _event("checkpoint", 60, 72, seconds=1.0), _event("done", 60, 72)]
+    write_work_dir(url, None, metrics, {60: 72})
+    d = build_report(read_history(url)).to_dict()
+    assert d["buckets"]["good"] == pytest.approx(40.0 + 19.0 + 1.0)
+    assert d["buckets"]["checkpoint"] == pytest.approx(3.0) and d["wall_seconds"] == pytest.approx(72.0)
+    assert not any("estimated" in n for n in d["notes"])
