@@ -48,6 +48,7 @@ from .errors import (
     ElasticDetError,
     InfrastructureError,
 )
+from .ledger import LAUNCH_TIME_ENV
 from .storage import WorkDir
 from .supervise_checks import Target, check_torch, committed_step, progress_store, resolve, work_dir_hint
 
@@ -246,7 +247,8 @@ class Supervisor:
         """Run COMMAND in its own process group until it exits; its exit status (128 + N when killed by
         signal N) and the final code a worker reported, if any."""
         exit_dir = tempfile.mkdtemp(prefix="elastic_det-exit-")
-        env = {**os.environ, exit_status.EXIT_DIR_ENV: exit_dir}
+        # the launch time lets the goodput ledger count this attempt's start-up from torchrun's start
+        env = {**os.environ, exit_status.EXIT_DIR_ENV: exit_dir, LAUNCH_TIME_ENV: f"{time.time():.3f}"}
         try:
             proc = subprocess.Popen(self.command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as e:

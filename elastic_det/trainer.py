@@ -2,8 +2,9 @@
 
 The stages, in order, each a function below: open the work dir, build the data (and the batch policy at
 this world size), build the model and optimizer, restore (or start), build the loader from the cursor
-on, build the hooks, announce the run, run. Nothing is written to the work dir but the text log until
-the restore has succeeded: a rejected launch leaves the run's files as they were.
+on, build the hooks, announce the run, run. Nothing is written to the work dir but the attempt's own logs
+(``train.log`` and its ``ledger.jsonl`` records) until the restore has succeeded: a rejected launch leaves
+the run's files (``config.yaml``, ``metrics.jsonl``, checkpoints) as they were.
 """
 
 from __future__ import annotations
