@@ -102,6 +102,9 @@ def probe_main(argv: list[str]) -> int:
         mark(f"raised:{type(e).__name__}")
         raise
     mark("returned")
+    exit_now = getattr(entry, "exit_now", None)  # what ``python -m elastic_det.train`` does after main, if any
+    if exit_now is not None:
+        exit_now(code)
     return code
 
 
