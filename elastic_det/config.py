@@ -440,6 +440,13 @@ def _check_values(cfg: Config) -> None:
                           f"({cfg.model.min_size}).")
     if cfg.schedule.milestones != sorted(cfg.schedule.milestones):
         raise ConfigError(f"Config key 'schedule.milestones' must be increasing, got {cfg.schedule.milestones}.")
+    stalled_save = 8 * cfg.checkpoint.timeout_seconds + 10  # two failing requests of a save, each retried
+    remote = "://" in cfg.work_dir and not cfg.work_dir.startswith("file://")
+    if remote and stalled_save >= cfg.dist.timeout_seconds:
+        raise ConfigError(f"dist.timeout_seconds={cfg.dist.timeout_seconds:g} must exceed the longest save on a "
+                          f"stalled store (8 x checkpoint.timeout_seconds + 10 = {stalled_save:g} s): the other "
+                          "ranks wait for rank 0's save in a collective. Raise dist.timeout_seconds or lower "
+                          "checkpoint.timeout_seconds.")
     if cfg.data.group_by_aspect_ratio and cfg.elastic.batch_policy == "scale_lr":
         raise ConfigError("data.group_by_aspect_ratio needs elastic.batch_policy=fixed_global: grouped "
                           "global batches have a fixed size.")

@@ -89,15 +89,15 @@ def saved_config(checkpoint: Checkpoint) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.create(text)) if text else {}
 
 
-def load_checkpoint(path: str, storage_options: dict) -> Checkpoint:
+def load_checkpoint(path: str, storage_options: dict, timeout: float = 10.0) -> Checkpoint:
     """A checkpoint given by path: a work dir (its newest), a step directory, a manifest or a bare file."""
     parent = path if not path.endswith((".pt", ".pth", ".json")) else os.path.dirname(path) or "."
-    return CheckpointStore(WorkDir(parent, storage_options)).load(path)
+    return CheckpointStore(WorkDir(parent, storage_options, timeout=timeout)).load(path)
 
 
-def load_weights(model: nn.Module, path: str, storage_options: dict) -> Checkpoint:
+def load_weights(model: nn.Module, path: str, storage_options: dict, timeout: float = 10.0) -> Checkpoint:
     """Load only the model weights of a checkpoint or an export (``model.load_from``, evaluation)."""
-    checkpoint = load_checkpoint(path, storage_options)
+    checkpoint = load_checkpoint(path, storage_options, timeout)
     state = checkpoint.state
     weights = state.get("model", state if all(torch.is_tensor(v) for v in state.values()) else None)
     if not weights:

@@ -93,7 +93,8 @@ def resolve(command: list[str], work_dir: str | None, preflight: bool) -> Target
         raise TrainUsageError(f"The {TRAIN_MODULE} arguments in the command do not parse: "
                               f"{' '.join(train_args)}") from e
     cfg = load_config(args.config, overrides_from_args(args))
-    target = Target(WorkDir(work_dir or cfg.work_dir, cfg.checkpoint.storage_options), train_args)
+    target = Target(WorkDir(work_dir or cfg.work_dir, cfg.checkpoint.storage_options,
+                            timeout=cfg.checkpoint.timeout_seconds), train_args)
     if preflight:
         from .data.build import build_dataset
 

@@ -79,7 +79,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, info: dist.DistInfo, show_
     setup_text_logging(None, info.rank)
     dataset = dist.local_main_first(lambda: build_dataset(cfg.data, "val"), info.local_rank)
     model = build_model(cfg.model, dataset.num_classes)
-    loaded = load_weights(model, checkpoint, cfg.checkpoint.storage_options)
+    loaded = load_weights(model, checkpoint, cfg.checkpoint.storage_options, cfg.checkpoint.timeout_seconds)
     model.to(info.device)
     log.info("Evaluating %s (step %d) on %d val images, %d rank(s)", loaded.location, loaded.manifest.step,
              len(dataset), info.world_size)

@@ -161,7 +161,7 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
 
 
 def open_work_dir(cfg: Config, info: dist.DistInfo) -> RunOutput:
-    work_dir = WorkDir(cfg.work_dir, cfg.checkpoint.storage_options)
+    work_dir = WorkDir(cfg.work_dir, cfg.checkpoint.storage_options, timeout=cfg.checkpoint.timeout_seconds)
     if info.is_main:
         work_dir.check_writable()
     files = RunFiles(work_dir, enabled=info.is_main)
@@ -189,7 +189,7 @@ def build_training_parts(cfg: Config, info: dist.DistInfo, data: TrainData) -> s
                           "group_norm or frozen_bn on CPU.")
     model = build_model(cfg.model, data.dataset.num_classes).to(info.device)
     if cfg.model.load_from:
-        state.load_weights(model, cfg.model.load_from, cfg.checkpoint.storage_options)
+        state.load_weights(model, cfg.model.load_from, cfg.checkpoint.storage_options, cfg.checkpoint.timeout_seconds)
         log.info("Loaded weights from %s (load_from: weights only, training starts at step 0)", cfg.model.load_from)
     bn = batch_dependent_layers(model)
     if bn:

@@ -176,7 +176,7 @@ class CheckpointHook(Hook):
                 self.last_error = error
                 log.error("Checkpoint at step %d failed (%d in a row): %s", step, self.failures, _describe(error))
                 self.metrics.event("checkpoint_failed", step, reason=reason, error=_describe(error),
-                                   failures=self.failures)
+                                   failures=self.failures, seconds=round(seconds, 3))
             else:
                 self.bug = error
         return done
