@@ -370,13 +370,13 @@ def test_scale_lr_keeps_the_sample_stream_and_scales_the_lr(tmp_path, cache, pro
 # 4. Seeking is O(1): a late resume computes what an early one does
 
 
-@pytest.mark.parametrize("drop_last", [True, False])
 def reference_batch(plan: ElasticBatchPlan, step: int, batch: int, per_epoch: int) -> list[int]:
     """The global batch of ``step`` by plain arithmetic on the epochs' orders (batch size fixed since step 0)."""
     epoch, k = divmod(step, per_epoch)
     return plan.epoch_order(epoch)[k * batch:(k + 1) * batch]
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
 def test_seek_to_a_late_step_computes_one_permutation(monkeypatch, drop_last):
     calls = []
     original = ElasticBatchPlan._compute_order
@@ -437,14 +437,14 @@ def test_epoch_hooks_follow_the_sample_cursor_after_a_batch_size_change():
             calls.append(("after", runner.progress.epoch, runner.progress.global_step))
 
     class NoModel(Runner):
-        def run_step(self, images, targets, global_batch_size):
-            return {}
+        def run_step(self, images, targets, data_time, start):
+            return None
 
     cursor = Progress(global_step=7, epoch=0, step_in_epoch=7, sample_offset=14, seed=0)
     schedule = StepSchedule(ElasticBatchPlan(SCALE_N, seed=0, drop_last=False), 4, cursor)
-    runner = NoModel(model=nn.Identity(), optimizer=None, scheduler=None, scaler=None, schedule=schedule,
+    runner = NoModel(parts=None, model=nn.Identity(), schedule=schedule,
                      batches=itertools.repeat(([], [])), hooks=[Recorder()],
                      dist_info=DistInfo(0, 1, 0, torch.device("cpu"), 0), progress=cursor, max_steps=16,
-                     micro_batch_size=0, amp_dtype=None)
+                     micro_batch_size=0, amp_mode="none", clip_grad_norm=0.0)
     runner.train()
     assert calls == [("before", 0, 7), ("after", 0, 13), ("before", 1, 13), ("after", 1, 16)]
