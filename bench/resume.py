@@ -53,6 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["train.validate=false", "log.interval=1", "log.progress_bar=never", "data.num_workers=0"]
 PROBE_DIR_ENV = "ELASTIC_DET_BENCH_PROBE_DIR"
+PROBE_PID_ENV = "ELASTIC_DET_BENCH_PROBE_PID"  # the PID torchrun knows (a warm child marks under it)
 POLL = 0.005
 
 # (mark, "module:attribute") whose first return is recorded by the probe; names the engine may lose are skipped
@@ -73,17 +74,32 @@ PROBED = [
 
 
 def probe_main(argv: list[str]) -> int:
+    """The process torchrun starts: marks its start, then hands over to a warm child when the bench started
+    a warm server (``probe_child`` runs there, marking under this PID), else runs ``probe_child`` itself."""
     started = time.time()
-    out_dir = Path(os.environ[PROBE_DIR_ENV])
-    path = out_dir / f"{os.getpid()}.jsonl"
-    ident = {"pid": os.getpid(), "rank": int(os.environ.get("RANK", "0")),
+    os.environ[PROBE_PID_ENV] = str(os.getpid())
+    _probe_mark("interpreter", started)
+    try:
+        from elastic_det.warm_start import handoff
+    except ImportError:  # a --baseline tree from before warm start
+        return probe_child(argv)
+    code = handoff("resume:probe_child", argv, extra_path=str(Path(__file__).resolve().parent))
+    if code is not None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    return probe_child(argv)
+
+
+def _probe_mark(name: str, t: float | None = None) -> None:
+    ident = {"pid": int(os.environ[PROBE_PID_ENV]), "rank": int(os.environ.get("RANK", "0")),
              "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+    with open(Path(os.environ[PROBE_DIR_ENV]) / f"{ident['pid']}.jsonl", "a") as f:
+        f.write(json.dumps({**ident, "mark": name, "t": t or time.time()}) + "\n")
 
-    def mark(name: str, t: float | None = None) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps({**ident, "mark": name, "t": t or time.time()}) + "\n")
 
-    mark("interpreter", started)
+def probe_child(argv: list[str]) -> int:
+    mark = _probe_mark
     import importlib
 
     import elastic_det.train as entry
@@ -206,11 +222,15 @@ def wait_until(condition, timeout: float = 300.0, what: str = "progress", interv
 
 
 class Cluster:
-    """torchrun with 2 workers running the probe, in its own session; killed by PID at the end."""
+    """torchrun with 2 workers running the probe, in its own session; killed by PID at the end. With
+    ``warm``, each launch first starts a warm server (as the supervisor does on every node it runs on)."""
 
-    def __init__(self, root: Path, tree: Path, cache: Path, options: list[str], max_restarts: int) -> None:
+    def __init__(self, root: Path, tree: Path, cache: Path, options: list[str], max_restarts: int,
+                 warm: bool = False) -> None:
         self.root, self.tree, self.work, self.probes = root, tree, root / "work", root / "probes"
         self.probes.mkdir(parents=True, exist_ok=True)
+        self.warm = warm
+        self.servers: list[subprocess.Popen] = []
         self.env = {**tree_env(tree, cache), PROBE_DIR_ENV: str(self.probes)}
         args = ["--work-dir", str(self.work), "--cfg-options", f"data.shapes.cache_dir={cache}",
                 "log.interval=1", "log.progress_bar=never", "train.max_steps=100000", *options]
@@ -223,8 +243,19 @@ class Cluster:
         self.seen: set[int] = set()
 
     def launch(self) -> subprocess.Popen:
+        """A new torchrun (and warm server: a relaunch lands on a fresh node, whose server starts with it)."""
+        env = self.env
+        if self.warm:
+            self.stop_servers()
+            from elastic_det.warm_start import start_server
+
+            server_dir = self.root / f"warm-{len(self.agents)}"
+            server_dir.mkdir()
+            server, warm_env = start_server(str(server_dir))
+            self.servers.append(server)
+            env = {**env, **warm_env}
         with open(self.root / f"torchrun-{len(self.agents)}.log", "ab") as log:
-            agent = subprocess.Popen(self.cmd, env=self.env, cwd=self.tree, stdout=log, stderr=subprocess.STDOUT,
+            agent = subprocess.Popen(self.cmd, env=env, cwd=self.tree, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.agents.append(agent)
         return agent
@@ -246,6 +277,13 @@ class Cluster:
                 pass
         for agent in self.agents:
             agent.wait()
+        self.stop_servers()
+
+    def stop_servers(self) -> None:
+        for server in self.servers:
+            if server.poll() is None:
+                server.terminate()
+                server.wait()
 
     def probe_marks(self, pids: list[int]) -> dict[int, dict[str, float]]:
         out = {}
@@ -293,8 +331,8 @@ def worker_phases(spawned: float, marks: dict[int, dict[str, float]], first_step
 
 
 def bench_sigkill(root: Path, tree: Path, cache: Path, restarts: int,
-                  options: list[str]) -> tuple[list[dict], list[dict]]:
-    c = Cluster(root, tree, cache, options, max_restarts=restarts + 1)
+                  options: list[str], warm: bool) -> tuple[list[dict], list[dict]]:
+    c = Cluster(root, tree, cache, options, max_restarts=restarts + 1, warm=warm)
     rows, detail = [], []
     try:
         agent = c.launch()
@@ -339,8 +377,9 @@ def bench_sigkill(root: Path, tree: Path, cache: Path, restarts: int,
     return rows, detail
 
 
-def bench_sigterm(root: Path, tree: Path, cache: Path, restarts: int, options: list[str]) -> list[dict]:
-    c = Cluster(root, tree, cache, options, max_restarts=1)
+def bench_sigterm(root: Path, tree: Path, cache: Path, restarts: int, options: list[str],
+                  warm: bool) -> list[dict]:
+    c = Cluster(root, tree, cache, options, max_restarts=1, warm=warm)
     rows = []
     try:
         agent = c.launch()
@@ -418,9 +457,11 @@ def export_tree(rev: str, into: Path) -> Path:
 def restart_section(root: Path, restarts: int, baseline: str | None) -> None:
     options = ["checkpoint.interval=5"]
     cache = root / "cache"
-    trees = [("after (this checkout)", REPO)]
+    # (label, code, warm start): the warm server is what the supervisor runs for every launcher
+    trees = [("cold (this checkout, every worker imports torch)", REPO, False),
+             ("warm start (this checkout, workers forked from the warm server)", REPO, True)]
     if baseline:
-        trees.insert(0, (f"before ({baseline})", export_tree(baseline, root / "baseline")))
+        trees.insert(0, (f"before ({baseline})", export_tree(baseline, root / "baseline"), False))
     # generate the shapes set once, outside the timed runs
     subprocess.run([sys.executable, "-m", "elastic_det.train", "--work-dir", str(root / "warmup"), "--cfg-options",
                     f"data.shapes.cache_dir={cache}", "train.max_steps=1", "train.validate=false",
@@ -428,11 +469,11 @@ def restart_section(root: Path, restarts: int, baseline: str | None) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t, load = time.time(), os.getloadavg()[0]
     killed = {}  # case by case, the trees one after the other: both see about the same load
-    for i, (label, tree) in enumerate(trees):
-        killed[label] = bench_sigkill(root / f"kill-{i}", tree, cache, restarts, options)
+    for i, (label, tree, warm) in enumerate(trees):
+        killed[label] = bench_sigkill(root / f"kill-{i}", tree, cache, restarts, options, warm)
     results = {}
-    for i, (label, tree) in enumerate(trees):
-        results[label] = (*killed[label], bench_sigterm(root / f"term-{i}", tree, cache, restarts, options))
+    for i, (label, tree, warm) in enumerate(trees):
+        results[label] = (*killed[label], bench_sigterm(root / f"term-{i}", tree, cache, restarts, options, warm))
     print(f"embedded default (tiny FCOS, shapes), torchrun --nproc-per-node 2, gloo, {os.cpu_count()} CPUs, "
           f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; {', '.join(options)}, "
           "log.interval=1\n")
@@ -450,9 +491,11 @@ def restart_section(root: Path, restarts: int, baseline: str | None) -> None:
                        (("kill", kill), ("term", term))} for label, (kill, _, term) in results.items()}
     for label, m in medians.items():
         print(f"  {label}: median total SIGKILL {m['kill']:.2f} s (target 5), SIGTERM {m['term']:.2f} s (target 6)")
+    (_, cold), (_, warm) = list(medians.items())[-2:]
+    print(f"  warm / cold: SIGKILL {warm['kill'] / cold['kill']:.2f}, SIGTERM {warm['term'] / cold['term']:.2f}")
     if baseline:
-        (before, b), (after, a) = medians.items()
-        print(f"  after / before: SIGKILL {a['kill'] / b['kill']:.2f}, SIGTERM {a['term'] / b['term']:.2f}")
+        b = next(iter(medians.values()))
+        print(f"  warm / before: SIGKILL {warm['kill'] / b['kill']:.2f}, SIGTERM {warm['term'] / b['term']:.2f}")
     print(f"  bench {time.time() - t:.0f}s\n")
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .config import DistConfig
 from .errors import UserError
+from .warm_start import is_warm_child
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,8 @@ def start_parent_watchdog(interval_s: float = 1.0) -> None:
     thread polls the parent PID; when the worker has been re-parented, it exits at once.
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return
+    if is_warm_child():  # the parent is the warm server; the client torchrun started watches the agent
         return
     parent = os.getppid()
 

@@ -56,23 +56,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .run_files import LEDGER, RunFiles
+from .warm_start import process_start_time
 
 FORMAT = 1
 LAUNCH_TIME_ENV = "ELASTIC_DET_LAUNCH_TIME"
 MARKS = ("process_start", "imports_done", "dist_ready", "restore_done", "train_start", "first_step")
 END_HOWS = ("done", "preempted", "failed")
-
-
-def process_start_time() -> float | None:
-    """Wall-clock time this process started (from ``/proc``, 10 ms resolution); None where unknown."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def launch_time(restart_count: int) -> float | None:

@@ -17,7 +17,9 @@ start torchrun again:
 * SIGTERM, SIGINT, SIGHUP (sent on as SIGTERM), SIGUSR1 and SIGUSR2 are forwarded to torchrun once, the
   first one only (a repeated signal aborts torchrun's wait for its workers); the workers save and stop,
   and the supervisor exits 143 (preempted: run the same command again to resume);
-* one JSON line per attempt start and end goes to ``WORK_DIR/supervisor/<host>-<pid>.jsonl``.
+* one JSON line per attempt start and end goes to ``WORK_DIR/supervisor/<host>-<pid>.jsonl``;
+* unless ``--no-warm-start``, a warm server (warm_start.py) imports torch and the trainer once, while the
+  pre-flight and torchrun start, and every worker torchrun starts or restarts is forked from it ready.
 
 Exit codes: 0 done, 2 bad input, 3 another writer owns the work dir, 4 no progress (gave up), 143 stopped
 by a signal (requeue).
@@ -26,6 +28,7 @@ by a signal (requeue).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -38,9 +41,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import exit_status
+from . import exit_status, warm_start
 from .errors import (
     FINAL_EXIT_CODES,
     NO_PROGRESS_EXIT_CODE,
@@ -72,6 +76,7 @@ class Options:
     max_backoff_s: float = 30.0
     poll_s: float = 0.5  # how often the exit-status dir is read while an attempt runs
     stop_timeout_s: float | None = None  # after a forwarded signal or a final code: SIGKILL after this
+    warm_start: bool = True  # fork the workers from a server that has imported torch and the trainer
 
 
 def parse_cli(argv: list[str]) -> tuple[Options, list[str]]:
@@ -92,6 +97,8 @@ def parse_cli(argv: list[str]) -> tuple[Options, list[str]]:
     p.add_argument("--stop-timeout", type=float, metavar="S",
                    help="SIGKILL COMMAND's process group this long after a forwarded signal or a final code "
                         "[torchrun's --shutdown-timeout (or PET_SHUTDOWN_TIMEOUT, else 30) + 30]")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="let every worker import torch and the trainer itself (no warm server)")
     args = p.parse_args(own)
     if not command:
         p.error("no COMMAND after --")
@@ -101,7 +108,7 @@ def parse_cli(argv: list[str]) -> tuple[Options, list[str]]:
         p.error("--min-stall-seconds must be >= 0")
     return Options(args.max_stalled_attempts, args.work_dir, args.min_stall_seconds, not args.no_preflight,
                    not args.no_forward_signals, args.backoff, args.max_backoff,
-                   stop_timeout_s=args.stop_timeout), command
+                   stop_timeout_s=args.stop_timeout, warm_start=not args.no_warm_start), command
 
 
 def default_stop_timeout(command: list[str]) -> float:
@@ -133,6 +140,7 @@ class Supervisor:
         self.last_progress = time.monotonic()  # of the last attempt that committed a new step (or the start)
         self.best_step: int | None = None  # the newest committed step seen after an attempt (or before the first)
         self.store = None
+        self.warm_env: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------------
     # Signals only record and wake the main loop, which forwards (printing in a handler can deadlock).
@@ -151,6 +159,30 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        with self._warm_server():
+            return self._run()
+
+    @contextlib.contextmanager
+    def _warm_server(self) -> Iterator[None]:
+        """The warm server for this supervisor's workers (started first: its imports overlap the
+        pre-flight and torchrun's start), stopped by PID at the end."""
+        if not self.opts.warm_start or "elastic_det.train" not in self.command:
+            yield
+            return
+        directory = tempfile.mkdtemp(prefix="elastic_det-warm-")
+        server, self.warm_env = warm_start.start_server(directory, log=say)
+        try:
+            yield
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _run(self) -> int:
         try:
             check_torch()
         except ElasticDetError as e:
@@ -248,7 +280,8 @@ class Supervisor:
         signal N) and the final code a worker reported, if any."""
         exit_dir = tempfile.mkdtemp(prefix="elastic_det-exit-")
         # the launch time lets the goodput ledger count this attempt's start-up from torchrun's start
-        env = {**os.environ, exit_status.EXIT_DIR_ENV: exit_dir, LAUNCH_TIME_ENV: f"{time.time():.3f}"}
+        env = {**os.environ, **self.warm_env, exit_status.EXIT_DIR_ENV: exit_dir,
+               LAUNCH_TIME_ENV: f"{time.time():.3f}"}
         try:
             proc = subprocess.Popen(self.command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as e:

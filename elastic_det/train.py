@@ -11,10 +11,7 @@ import argparse
 import os
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from . import exit_status
-from .config import load_config
 from .errors import PREEMPTED_EXIT_CODE, ElasticDetError
 
 
@@ -46,8 +43,16 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
+    """The training entry point; exceptions other than ours are recorded for torchelastic (``@record``)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_main)(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from .config import load_config
+
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides_from_args(args))
@@ -75,4 +80,10 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    # Under the supervisor a warm server has torch and the trainer imported already: this process only
+    # hands its place over to a child of that server (see warm_start.py) and runs the trainer itself
+    # when there is none. Nothing above imports torch, so that the hand-over takes milliseconds.
+    from .warm_start import handoff
+
+    handed = handoff("elastic_det.train:main", sys.argv[1:])
+    exit_now(main() if handed is None else handed)
