@@ -9,9 +9,9 @@ describes) and ``host``:
 =============  ==========================================================================================
 kind           extra fields
 =============  ==========================================================================================
-process_start  the process's own start time (from ``/proc``); ``pid``, ``restart_count``, ``world_size``,
-               ``launch_time`` (``ELASTIC_DET_LAUNCH_TIME`` set by the launcher, first round only),
-               ``format``
+process_start  the process's own start time (from ``/proc``; under warm start its client's); ``pid``,
+               ``restart_count``, ``world_size``, ``launch_time`` (``ELASTIC_DET_LAUNCH_TIME`` set by the
+               launcher, first round only), ``format``
 imports_done   training code entered (imports and config done)
 dist_ready     process group ready (rendezvous done)
 restore_done   ``step`` the attempt starts at, ``load_seconds`` of the checkpoint load (0 fresh)

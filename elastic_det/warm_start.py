@@ -293,6 +293,8 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict, inherited: li
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
+        with contextlib.suppress(OSError):  # told by the child itself: the client needs no living server
+            conn.sendall(f"exit {code}\n".encode())
         os._exit(code)
 
 
