@@ -11,7 +11,7 @@ kind           extra fields
 =============  ==========================================================================================
 process_start  the process's own start time (from ``/proc``; under warm start its client's); ``pid``,
                ``restart_count``, ``world_size``, ``launch_time`` (``ELASTIC_DET_LAUNCH_TIME`` set by the
-               launcher, first round only), ``format``
+               launcher, first round only), ``warm_start`` (forked ready by the warm server), ``format``
 imports_done   training code entered (imports and config done)
 dist_ready     process group ready (rendezvous done)
 restore_done   ``step`` the attempt starts at, ``load_seconds`` of the checkpoint load (0 fresh)
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .run_files import LEDGER, RunFiles
-from .warm_start import process_start_time
+from .warm_start import is_warm_child, process_start_time
 
 FORMAT = 1
 LAUNCH_TIME_ENV = "ELASTIC_DET_LAUNCH_TIME"
@@ -104,7 +104,8 @@ class Ledger:
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         start = process_start if process_start is not None else process_start_time()
         self.mark("process_start", time=start if start is not None else clock(), pid=os.getpid(),
-                  restart_count=restarts, world_size=world_size, launch_time=launch_time(restarts), format=FORMAT)
+                  restart_count=restarts, world_size=world_size, launch_time=launch_time(restarts),
+                  warm_start=is_warm_child(), format=FORMAT)
 
     def _write(self, kind: str, when: float | None = None, **fields: Any) -> None:
         record = {"kind": kind, "attempt": self.attempt, "time": round(self.clock() if when is None else when, 3),

@@ -14,7 +14,8 @@ server per node next to torchrun (``python -m elastic_det.warm_start SOCKET``) a
   to the child and exits with the child's exit code (or dies of the same signal);
 * when the client dies (torchrun SIGKILLs its workers' process groups) the child's end of the connection
   closes and a watchdog thread in the child kills it at once; when the torchrun agent dies, the client
-  notices its re-parenting within a second and kills the child;
+  notices its re-parenting within a second and kills the child (what the trainer's own parent watchdog does
+  without warm start);
 * anything that goes wrong before the child runs (no server, a server that died or never came up) makes
   the client run the trainer itself, in its own process, as without warm start.
 
@@ -132,6 +133,8 @@ def _wait_for_child(conn: socket.socket, child: int) -> int:
 
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
+    # as the trainer's own parent watchdog (dist.start_parent_watchdog): only a torchrun agent is watched
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
     parent = os.getppid()
     conn.settimeout(1.0)
     buffer = b""
@@ -139,7 +142,7 @@ def _wait_for_child(conn: socket.socket, child: int) -> int:
         try:
             chunk = conn.recv(64)
         except TimeoutError:
-            if os.getppid() != parent:  # the torchrun agent is gone: nobody supervises this worker
+            if under_torchrun and os.getppid() != parent:  # the agent is gone: nobody supervises this worker
                 print("elastic_det.warm_start: the torchrun agent is gone; stopping the worker",
                       file=sys.stderr, flush=True)
                 with contextlib.suppress(ProcessLookupError):

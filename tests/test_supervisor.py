@@ -32,6 +32,7 @@ from helpers import (
     REPO,
     alive,
     base_env,
+    children,
     events,
     fast_overrides,
     free_port,
@@ -487,8 +488,13 @@ class Node:
         return [self.proc.pid, *self.procs.remember(self.proc)] if self.proc.poll() is None else []
 
     def workers(self) -> list[int]:
-        return [p for p in self.tree()[1:] if "elastic_det.train" in cmdline(p)
-                and "torch.distributed.run" not in cmdline(p)]
+        """The processes torchrun started and, under warm start, the trainers the warm server forked for
+        them (its children): a killed worker is either."""
+        tree = self.tree()
+        clients = [p for p in tree[1:]
+                   if "elastic_det.train" in cmdline(p) and "torch.distributed.run" not in cmdline(p)]
+        servers = [p for p in children(self.proc.pid) if "elastic_det.warm_start" in cmdline(p)] if tree else []
+        return clients + [p for server in servers for p in children(server) if alive(p)]
 
     def finished(self) -> int | None:
         """The exit code once this supervisor instance has exited (recorded once)."""
@@ -601,6 +607,9 @@ def test_a_long_life_of_preemptions_and_hard_kills_under_the_supervisor(procs, t
     attempts = [r for r in attempt_log(work_dir) if r["event"] == "attempt_start"]
     assert len(attempts) > MAX_RESTARTS
     assert sum(n.starts for n in nodes) > 2
+    # Every attempt's training process was forked ready by its node's warm server.
+    starts = [r for r in read_jsonl(work_dir / "ledger.jsonl") if r.get("kind") == "process_start"]
+    assert len(starts) > MAX_RESTARTS and all(r["warm_start"] for r in starts), starts
     print(f"{len(resumes)} resumes, {len(attempts)} supervised torchrun attempts, "
           f"{sum(n.starts for n in nodes)} supervisor starts, {time.monotonic() - started:.0f} s")
 

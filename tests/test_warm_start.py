@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, alive, wait_for
+from helpers import REPO, alive, base_env, children, events, fast_overrides, read_jsonl, train_steps, wait_for
 
 from elastic_det.warm_start import SERVER_PID_ENV, SOCKET_ENV, start_server
 
@@ -37,6 +37,13 @@ def server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
 
 
 def client(env: dict[str, str], target: str, *args: str, cwd: Path = REPO, **popen) -> subprocess.Popen:
@@ -124,7 +131,7 @@ def test_a_client_whose_agent_died_stops_its_child(server, tmp_path):
     """torchrun's agent SIGKILLed: its workers' clients are re-parented; each kills its child within ~1 s."""
     _, env = server
     pid_file = tmp_path / "pid"
-    full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO), "LOCAL_RANK": "0"}  # as torchrun sets it
     agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); "
                               "print(p.pid, flush=True); p.wait()", sys.executable, "-c", CLIENT,
                               "warm_targets:hang", str(pid_file)], env=full, stdout=subprocess.PIPE, text=True,
@@ -134,3 +141,23 @@ def test_a_client_whose_agent_died_stops_its_child(server, tmp_path):
     agent.kill()
     agent.wait()
     wait_for(lambda: not alive(child) and not alive(client_pid), 10, "the orphaned worker to stop")
+
+
+@pytest.mark.slow
+def test_under_a_killed_supervisor_the_warm_worker_saves_and_nothing_is_left(procs, tmp_path):
+    """The supervisor's own process SIGKILLed (OOM killer): its command (the client) gets SIGTERM from the
+    kernel and passes it to the warm trainer, which saves and stops; the warm server stops too."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "elastic_det.supervise", "--", sys.executable, "-m", "elastic_det.train",
+           "--work-dir", str(work), "--cfg-options", *fast_overrides(cache, "train.max_steps=100000")]
+    supervisor = procs.start(cmd, base_env(cache), tmp_path / "supervisor.log")
+    wait_for(lambda: train_steps(work), 180, "training to start")
+    tree = procs.remember(supervisor)
+    server = next(p for p in children(supervisor.pid) if "elastic_det.warm_start" in cmdline(p))
+    trainer = next(p for p in children(server))
+    supervisor.kill()
+    wait_for(lambda: not any(alive(p) for p in tree), 60, "every process of the supervisor's tree to stop")
+    (preempt,) = events(work, "preempt")
+    assert (work / "checkpoints" / f"step-{preempt['step']:08d}" / "manifest.json").exists()
+    starts = [r for r in read_jsonl(work / "ledger.jsonl") if r["kind"] == "process_start"]
+    assert [r["warm_start"] for r in starts] == [True] and trainer in tree
