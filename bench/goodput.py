@@ -3,12 +3,15 @@
     python bench/goodput.py                                  # the embedded default, N = 120 s
     python bench/goodput.py --every 40 --cfg-options train.max_steps=300    # shorter
 
-Three runs of the same config under ``torchrun --nproc-per-node 2`` (gloo, CPU), each in a fresh work dir:
+Three runs of the same config under ``torchrun --nproc-per-node 2`` (gloo, CPU), each in a fresh work dir,
+each launch through the supervisor as every launcher does (with its warm server; ``--plain-torchrun``
+launches torchrun alone, as before):
 
 (a) uninterrupted;
-(b) a SIGTERM to the torchrun agent N seconds after each launch (it forwards it to the workers, which
-    finish the step, save and exit); the same torchrun command is launched again after it exits, as a
-    scheduler would, until the run is done;
+(b) a SIGTERM to the launched process (the supervisor, or torchrun) N seconds after each launch (it is
+    forwarded to the workers, which finish the step, save and exit); the same command is launched again
+    after it exits, as a scheduler would, until the run is done (a relaunch on a new node: a new
+    supervisor, a new warm server);
 (c) a SIGKILL of one worker every N seconds (alternately rank 1 and rank 0); torchrun ``--max-restarts``
     restarts the workers.
 
@@ -96,10 +99,12 @@ def committed_since(work: Path, since: float) -> bool:
     return False
 
 
-def worker_ranks(agent: int) -> dict[int, int]:
-    """RANK -> pid of the agent's worker processes."""
+def worker_ranks(launched: int) -> dict[int, int]:
+    """RANK -> pid of the worker processes torchrun started (under the supervisor, its grandchildren; a
+    warm worker's trainer, forked by the warm server, has the RANK too but is not torchrun's child)."""
+    agents = [launched] + [p for p in children(launched) if b"torch.distributed.run" in _cmdline(p)]
     out = {}
-    for pid in children(agent):
+    for pid in (p for agent in agents for p in children(agent)):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -110,9 +115,18 @@ def worker_ranks(agent: int) -> dict[int, int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class Bench:
-    def __init__(self, root: Path, nproc: int, every: float, train_args: list[str], procs: Procs) -> None:
+    def __init__(self, root: Path, nproc: int, every: float, train_args: list[str], procs: Procs,
+                 supervised: bool = True) -> None:
         self.root = root
+        self.supervised = supervised
         self.nproc = nproc
         self.every = every
         self.train_args = train_args
@@ -122,6 +136,8 @@ class Bench:
         env = base_env(self.root, **{LAUNCH_TIME_ENV: f"{time.time():.3f}"})
         cmd = torchrun_cmd(self.nproc, ["--work-dir", str(work), *self.train_args], max_restarts=max_restarts,
                            run_id=work.name)
+        if self.supervised:  # as launch/elastic_run.sh runs it; torchrun's restarts stay torchrun's
+            cmd = [sys.executable, "-m", "elastic_det.supervise", "--max-stalled-attempts", "1000", "--", *cmd]
         return self.procs.start(cmd, env, log)
 
     def run(self, name: str) -> Result:
@@ -173,6 +189,8 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     p.add_argument("--keep", help="keep the work dirs and logs in this directory")
+    p.add_argument("--plain-torchrun", action="store_true",
+                   help="launch torchrun alone (no supervisor, no warm server)")
     p.add_argument("--cfg-options", nargs="*", default=[], help="passed to elastic_det.train (default: none)")
     args = p.parse_args()
     names = [n for n in args.only.split(",") if n]
@@ -182,10 +200,11 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     train_args = ["--cfg-options", "log.progress_bar=never", *args.cfg_options]
     print(f"config: embedded default, --cfg-options {' '.join(train_args[1:])}; torchrun --nproc-per-node "
-          f"{args.nproc}; interruptions every {args.every:g} s; work dirs in {root}")
+          f"{args.nproc}{'' if args.plain_torchrun else ' under the supervisor (warm start)'}; interruptions every "
+          f"{args.every:g} s; work dirs in {root}")
     procs = Procs()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below kills what was started
-    bench = Bench(root, args.nproc, args.every, train_args, procs)
+    bench = Bench(root, args.nproc, args.every, train_args, procs, supervised=not args.plain_torchrun)
     results = []
     try:
         for name in SCENARIOS:
@@ -226,7 +245,6 @@ def table(results: list[Result], base_seconds: float, root: Path) -> str:
                  "the run's own kept-step time from its metrics.jsonl train records (not the ledger) / wall; diff in "
                  "percentage points; lost steps: " + ", ".join(f"{r.name} {r.report.lost_steps}" for r in results))
     return "\n".join(lines)
-    return 0
 
 
 if __name__ == "__main__":

@@ -182,6 +182,11 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> int:
     ``path`` only once the imports are done, so a client that can connect gets a warm child."""
     for name in preload:
         importlib.import_module(name)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child could not use CUDA
+        print("elastic_det.warm_start: CUDA was initialised while importing; not serving (the workers start "
+              "cold)", file=sys.stderr, flush=True)
+        return 1
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     staging = f"{path}.{os.getpid()}.tmp"
     listener.bind(staging)
