@@ -141,6 +141,10 @@ class Supervisor:
         self.best_step: int | None = None  # the newest committed step seen after an attempt (or before the first)
         self.store = None
         self.warm_env: dict[str, str] = {}
+        # the goodput ledger counts the first attempt's start-up from here: the launcher's start when it
+        # says (ELASTIC_DET_LAUNCH_TIME), else this process's, so that the pre-flight is not left out
+        self.launched = _launch_time()
+        self.commands_started = 0
 
     # ------------------------------------------------------------------------------------------------
     # Signals only record and wake the main loop, which forwards (printing in a handler can deadlock).
@@ -280,8 +284,10 @@ class Supervisor:
         signal N) and the final code a worker reported, if any."""
         exit_dir = tempfile.mkdtemp(prefix="elastic_det-exit-")
         # the launch time lets the goodput ledger count this attempt's start-up from torchrun's start
+        launched = self.launched if self.commands_started == 0 else time.time()
+        self.commands_started += 1
         env = {**os.environ, **self.warm_env, exit_status.EXIT_DIR_ENV: exit_dir,
-               LAUNCH_TIME_ENV: f"{time.time():.3f}"}
+               LAUNCH_TIME_ENV: f"{launched:.3f}"}
         try:
             proc = subprocess.Popen(self.command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as e:
@@ -376,6 +382,13 @@ class AttemptLog:
 
 def say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} elastic_det.supervise[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def _launch_time() -> float:
+    try:
+        return float(os.environ[LAUNCH_TIME_ENV])
+    except (KeyError, ValueError):
+        return warm_start.process_start_time() or time.time()
 
 
 def _die_with_parent() -> None:

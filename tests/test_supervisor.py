@@ -78,6 +78,8 @@ from elastic_det import exit_status  # a light import: no torch, so the stand-in
 plan = json.load(open(os.path.join(here, "plan.json")))
 with open(os.path.join(here, "runs.txt"), "a") as f:
     f.write(f"{os.getpid()} {os.getpgid(0)}\\n")
+with open(os.path.join(here, "launch.txt"), "a") as f:
+    f.write(os.environ.get("ELASTIC_DET_LAUNCH_TIME", "-") + "\\n")
 n = len(open(os.path.join(here, "runs.txt")).read().split()) // 2 - 1
 step = plan[min(n, len(plan) - 1)]
 got = []
@@ -186,6 +188,23 @@ def test_min_stall_seconds_keeps_retrying_until_that_long_without_progress(tmp_p
     assert time.monotonic() - start >= 1.5
     decisions = [d for *_, d in ends(log)]
     assert len(decisions) > 2 and decisions[-1] == "give_up" and set(decisions[:-1]) == {"retry"}
+
+
+def test_the_first_attempt_counts_from_the_launch_later_ones_from_their_own_start(tmp_path, monkeypatch):
+    """ELASTIC_DET_LAUNCH_TIME for the goodput ledger: the launcher's value (else the supervisor's start)
+    for the first attempt, so that the pre-flight counts as start-up; each retry's own start after that."""
+    standin = Standin(tmp_path, [{"exit": 1}, {"exit": 1}, {"exit": 0}])
+    monkeypatch.setenv("ELASTIC_DET_LAUNCH_TIME", "1700000000.5")
+    before = time.time()
+    assert supervise_in_process(standin)[0] == 0
+    first, *later = [float(v) for v in (standin.dir / "launch.txt").read_text().split()]
+    assert first == 1700000000.5 and len(later) == 2 and all(before <= t <= time.time() for t in later)
+    monkeypatch.delenv("ELASTIC_DET_LAUNCH_TIME")
+    (standin.dir / "launch.txt").unlink()
+    (standin.dir / "runs.txt").unlink()
+    assert supervise_in_process(standin)[0] == 0
+    first, *later = [float(v) for v in (standin.dir / "launch.txt").read_text().split()]
+    assert first < before <= later[0]  # this (test) process's start, before the test began
 
 
 def test_progress_resets_the_stall_count(tmp_path):
