@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from collections import OrderedDict
 
 import pytest
@@ -119,7 +120,10 @@ def test_round_trip(url):
     assert store.committed_steps() == [10]
     assert store.newest_committed_step() == 10
     on_disk = json.loads(store.work_dir.read_bytes("checkpoints/step-00000010/manifest.json"))
-    assert on_disk["sha256"] == manifest.sha256 and on_disk["format_version"] == 1
+    assert (on_disk["hash_alg"], on_disk["digest"], on_disk["format_version"]) == ("crc32/64MiB", manifest.digest, 2)
+    assert "sha256" not in on_disk
+    data = store.work_dir.read_bytes(data_rel(store, 10))
+    assert manifest.digest == f"{zlib.crc32(data):08x}"  # one chunk: the CRC-32 of the whole file
 
 
 def test_truncated_newest_falls_back(url):
@@ -152,8 +156,8 @@ def test_wrong_sha_falls_back(url):
     store.work_dir.write_bytes_atomic(rel, bytes(data))
     assert store.load_latest().manifest.step == 10
     assert [e["step"] for e in events.events] == [20]
-    assert "sha256" in events.events[0]["reason"]
-    with pytest.raises(CheckpointError, match="step-00000020.*sha256"):
+    assert "crc32/64MiB" in events.events[0]["reason"] and "corrupted" in events.events[0]["reason"]
+    with pytest.raises(CheckpointError, match="step-00000020.*crc32/64MiB.*corrupted"):
         store.load(store.work_dir.path(step_dir(20)))
 
 
@@ -305,14 +309,61 @@ def test_export_weights_and_load_bare_files(url):
 
 
 def test_manifest_rejects_bad_records():
-    good = Manifest(step=1, data="state-1.pt", size=3, sha256="a" * 64)
+    good = Manifest(step=1, data="state-1.pt", size=3, hash_alg="crc32/64MiB", digest="0a1b2c3d")
     assert Manifest.from_json(good.to_json()) == good
-    for change, reason in [({"data": "../../etc/passwd"}, "plain file name"), ({"sha256": "xyz"}, "64 hex"),
+    big = Manifest(step=1, data="state-1.pt", size=64 * 2**20 + 1, hash_alg="crc32/64MiB", digest="0a1b2c3d" * 2)
+    assert Manifest.from_json(big.to_json()) == big  # one CRC per 64 MiB chunk
+    for change, reason in [({"data": "../../etc/passwd"}, "plain file name"), ({"digest": "xyz"}, "8 hex"),
+                           ({"digest": "0a1b2c3d" * 2}, "8 hex"), ({"hash_alg": "md5"}, "md5.*upgrade"),
+                           ({"hash_alg": None}, "hash_alg"), ({"digest": None}, "digest"),
                            ({"format_version": 99}, "newer"), ({"step": "1"}, "step"),
                            ({"metrics": {"a": "high"}}, "malformed")]:
         raw = {**json.loads(good.to_json()), **change}
         with pytest.raises(ValueError, match=reason):
             Manifest.from_json(json.dumps(raw))
+    old = {"step": 1, "data": "state-1.pt", "size": 3, "sha256": "a" * 64, "format_version": 1}
+    parsed = Manifest.from_json(json.dumps(old))
+    assert parsed == Manifest(step=1, data="state-1.pt", size=3, sha256="a" * 64, format_version=1)
+    assert (parsed.hash_alg, parsed.digest) == ("sha256", "a" * 64)
+    for change, reason in [({"sha256": "xyz"}, "sha256 is not 64 hex"), ({"sha256": None}, "sha256")]:
+        with pytest.raises(ValueError, match=reason):
+            Manifest.from_json(json.dumps({**old, **change}))
+
+
+def _write_format_1_checkpoint(wd: WorkDir, step: int, state: dict) -> str:
+    """A checkpoint exactly as elastic_det wrote it before format 2 (sha256 in the manifest); its data name."""
+    size, sha256 = wd.write_atomic(f"{step_dir(step)}/state-0123abcd.pt", lambda f: torch.save(state, f))
+    record = {"config_hash": "cfg123", "created": 1.7e9, "data": "state-0123abcd.pt", "format_version": 1,
+              "metrics": {}, "reason": "interval", "sha256": sha256, "size": size, "step": step,
+              "versions": {"python": "3.11.7", "torch": "2.14.1", "torchvision": "0.29.1", "elastic_det": "0.1.0"},
+              "world_size": 2}
+    assert wd.create_exclusive(f"{step_dir(step)}/manifest.json", (json.dumps(record, indent=1) + "\n").encode())
+    return "state-0123abcd.pt"
+
+
+def test_format_1_work_dir_still_loads_verifies_and_retires(url):
+    """Work dirs written before format 2: their sha256 manifests load and are verified with sha256 (a flipped
+    bit or a truncation is caught), new saves go on beside them, and retention removes them as usual."""
+    wd = WorkDir(url)
+    for step in (10, 20, 30):
+        _write_format_1_checkpoint(wd, step, make_state(step))
+    events = Recorder()
+    store = CheckpointStore(wd, keep_last=2, on_event=events)
+    assert store.committed_steps() == [10, 20, 30]
+    data = bytearray(wd.read_bytes(f"{step_dir(30)}/state-0123abcd.pt"))
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size
+    wd.write_bytes_atomic(f"{step_dir(30)}/state-0123abcd.pt", bytes(data))
+    wd.write_bytes_atomic(f"{step_dir(20)}/state-0123abcd.pt", bytes(data[:-1]))  # truncated
+    checkpoint = store.load_latest()
+    assert (checkpoint.manifest.step, checkpoint.manifest.hash_alg) == (10, "sha256")
+    assert_same(make_state(10), checkpoint.state)
+    assert [(e["step"], "sha256" in e["reason"] and "corrupted" in e["reason"]) for e in events.events] == [
+        (30, True), (20, False)]
+    assert "truncated" in events.events[1]["reason"]
+    store.save(20, make_state(20, seed=1), META)  # replaces the broken one, in format 2
+    store.save(40, make_state(40), META)
+    assert store.committed_steps() == [20, 40]
+    assert CheckpointStore(WorkDir(url)).load_latest().manifest.hash_alg == "crc32/64MiB"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,8 +388,8 @@ def test_stale_detected_after_the_data_write(url, monkeypatch):
     new = CheckpointStore(WorkDir(url))
     write = old.work_dir.write_atomic
 
-    def write_while_newer_commits(relpath, write_fn):
-        result = write(relpath, write_fn)
+    def write_while_newer_commits(relpath, write_fn, **kwargs):
+        result = write(relpath, write_fn, **kwargs)
         new.save(30, make_state(30), META)
         return result
 
@@ -380,8 +431,8 @@ def test_concurrent_commit_of_same_step_keeps_the_winner(url, monkeypatch):
     write = loser.work_dir.write_atomic
     won = {}
 
-    def write_while_other_commits(relpath, write_fn):
-        result = write(relpath, write_fn)
+    def write_while_other_commits(relpath, write_fn, **kwargs):
+        result = write(relpath, write_fn, **kwargs)
         won["manifest"] = winner.save(10, make_state(10, seed=1), META)
         return result
 
@@ -727,6 +778,73 @@ def test_sigkill_mid_multipart_upload_s3(s3_bucket, s3_server):
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert not [k for k in keys if "step-00000002" in k]  # the killed upload published nothing
     _assert_previous_survives(store)
+
+
+SAVE_LOOP = """
+import os, signal, sys, torch
+from elastic_det.checkpoint import CheckpointStore, reclaim
+from elastic_det.storage import WorkDir
+url, mb, saves, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+store = CheckpointStore(WorkDir(url), keep_last=1)
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if kill_at == "retention":  # the dropped checkpoint's manifest is deleted, its data not yet
+    store._delete = die
+elif kill_at == "reclaim":  # its files are unlinked, their space not yet freed (background thread)
+    reclaim._close_all = die
+start = (store.newest_committed_step() or 0) + 1
+for step in range(start, start + saves):
+    store.save(step, {"model": {"w": torch.full((mb * 2**18,), float(step))}, "progress": {"global_step": step}}, {})
+    print("committed", step, flush=True)
+"""
+
+
+def _run_save_loop(url: str, kill_at: str, delay: float = 0.0, saves: int = 1000) -> list[int]:
+    """Run SAVE_LOOP (keep_last=1) until it kills itself at ``kill_at``, or, for ``write``, until it is killed
+    ``delay`` s after its first commit; the steps it reported committed."""
+    process = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, url, "24", str(saves), kill_at], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reported = []
+        if kill_at == "write":
+            first = process.stdout.readline()
+            assert first.startswith("committed"), (first, process.stderr.read())
+            reported.append(int(first.split()[1]))
+            time.sleep(delay)  # not a wait for a condition: it moves the kill to another phase of a save
+            os.kill(process.pid, signal.SIGKILL)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == (0 if kill_at == "none" else -signal.SIGKILL), err
+    return reported + [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+
+
+def test_sigkill_anywhere_in_save_and_retention_keeps_the_newest_commit(tmp_path):
+    """Real processes killed in the middle of a retention (manifest deleted, data not), while the space of
+    deleted files is freed, and at several instants of a save loop: every time, the newest step any run
+    reported committed is still committed and loads, and the next run cleans up what a kill left."""
+    url = str(tmp_path / "work")
+    newest = 0
+    for kill_at, delay in [("retention", 0), ("reclaim", 0), ("write", 0), ("write", 0.02), ("write", 0.05),
+                           ("write", 0.11), ("retention", 0)]:
+        reported = _run_save_loop(url, kill_at, delay)
+        store = CheckpointStore(WorkDir(url))
+        steps = store.committed_steps()
+        assert steps and steps[-1] >= max(reported + [newest]), (kill_at, delay, reported, steps)
+        checkpoint = store.load_latest()
+        assert checkpoint.manifest.step == steps[-1] and checkpoint.state["progress"]["global_step"] == steps[-1]
+        assert torch.equal(checkpoint.state["model"]["w"], torch.full((24 * 2**18,), float(steps[-1])))
+        newest = steps[-1]
+    assert _run_save_loop(url, "none", saves=2) == [newest + 1, newest + 2]
+    assert CheckpointStore(WorkDir(url)).committed_steps() == [newest + 2]
+    step = tmp_path / "work" / "checkpoints" / step_dir(newest + 2).split("/")[1]
+    assert [p.name for p in (tmp_path / "work" / "checkpoints").iterdir()] == [step.name]  # no debris left
+    manifest, data = sorted(p.name for p in step.iterdir())  # no temp files either
+    assert manifest == "manifest.json" and data.startswith("state-") and data.endswith(".pt")
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "no_manifest"])

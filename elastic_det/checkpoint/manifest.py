@@ -1,8 +1,12 @@
 """The commit record of a checkpoint: a small JSON file written after the data, and only then.
 
 A step directory holds one data object and ``manifest.json``. The manifest names the data object relative
-to its own directory (so a step directory can be copied elsewhere as a unit), its size and sha256, and
+to its own directory (so a step directory can be copied elsewhere as a unit), its size and digest, and
 what produced it.
+
+Format 2 records the digest as ``hash_alg`` + ``digest`` (new checkpoints: ``crc32/64MiB``, see
+:mod:`elastic_det.storage.hashing`); format 1 recorded a ``sha256`` field, and such manifests are still read
+and verified with sha256.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import metadata
 
-FORMAT_VERSION = 1
+from ..storage.hashing import HASH_ALGS, SHA256, digest_length
+
+FORMAT_VERSION = 2
 
 _DATA_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -24,7 +30,7 @@ class Manifest:
     step: int
     data: str  # name of the data object inside the step directory
     size: int
-    sha256: str
+    sha256: str = field(default="", compare=False, repr=False)  # format 1's digest: hash_alg sha256
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     world_size: int = 0
@@ -32,9 +38,23 @@ class Manifest:
     created: float = 0.0  # unix time
     metrics: dict[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    hash_alg: str = ""  # how ``digest`` was computed over the data object's bytes (HASH_ALGS)
+    digest: str = ""  # hex
+
+    def __post_init__(self) -> None:
+        if not self.digest and self.sha256:
+            self.hash_alg, self.digest = SHA256, self.sha256
+        if not self.hash_alg:
+            self.hash_alg = SHA256
+        if self.hash_alg == SHA256 and not self.sha256:
+            self.sha256 = self.digest
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        """Always the current format (``hash_alg`` + ``digest``, no ``sha256`` field)."""
+        record = asdict(self)
+        del record["sha256"]
+        record["format_version"] = FORMAT_VERSION
+        return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -54,15 +74,27 @@ class Manifest:
         _check(raw, "step", int)
         _check(raw, "data", str)
         _check(raw, "size", int)
-        _check(raw, "sha256", str)
         if not _DATA_NAME.match(raw["data"]) or raw["data"] in (".", ".."):
             raise ValueError(f"manifest data name {raw['data']!r} is not a plain file name")
         if raw["step"] < 0 or raw["size"] < 0:
             raise ValueError("manifest step and size must be >= 0")
-        if not re.fullmatch(r"[0-9a-f]{64}", raw["sha256"]):
-            raise ValueError("manifest sha256 is not 64 hex digits")
-        known = {f for f in cls.__dataclass_fields__}
+        if version == 1:  # sha256 only; hash_alg/digest are filled in from it
+            _check(raw, "sha256", str)
+            hash_alg, digest = SHA256, raw["sha256"]
+        else:
+            _check(raw, "hash_alg", str)
+            _check(raw, "digest", str)
+            hash_alg, digest = raw["hash_alg"], raw["digest"]
+            if hash_alg not in HASH_ALGS:
+                raise ValueError(f"manifest hash_alg {hash_alg!r} is not one this elastic_det knows "
+                                 f"({', '.join(HASH_ALGS)}); upgrade elastic_det")
+        digits = digest_length(hash_alg, raw["size"])
+        if not re.fullmatch(rf"[0-9a-f]{{{digits}}}", digest):
+            name = "sha256" if version == 1 else f"digest ({hash_alg})"
+            raise ValueError(f"manifest {name} is not {digits} hex digits")
+        known = {f for f in cls.__dataclass_fields__} - {"sha256", "hash_alg", "digest"}
         values = {k: v for k, v in raw.items() if k in known}
+        values.update(hash_alg=hash_alg, digest=digest)
         try:
             manifest = cls(**values)
             manifest.metrics = {str(k): float(v) for k, v in (manifest.metrics or {}).items()}

@@ -1,4 +1,4 @@
-"""Reading a checkpoint's data: size and sha256 against its manifest, then ``torch.load(weights_only=True)``.
+"""Reading a checkpoint's data: size and digest against its manifest, then ``torch.load(weights_only=True)``.
 
 A file that ``weights_only`` loading refuses gets a message that says what was found (a pickled object of
 some type, a file that is not a PyTorch checkpoint, a damaged archive), free of torch's own advice: loading
@@ -7,7 +7,6 @@ an untrusted checkpoint with ``weights_only=False`` would run whatever it holds.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import re
@@ -17,6 +16,7 @@ import torch
 
 from ..errors import StorageError, StorageUnavailableError
 from ..storage import WorkDir, describe_error
+from ..storage.hashing import CRC32_CHUNKED, CRC_CHUNK, SHA256, new_digest
 from .manifest import Manifest
 
 _READ_CHUNK = 8 << 20
@@ -33,7 +33,8 @@ class InvalidCheckpoint(Exception):
 
 
 def read_verified(wd: WorkDir, relpath: str, manifest: Manifest, map_location: Any) -> Any:
-    """Verify size and sha256 of the data object against the manifest, then load it weights-only.
+    """Verify size and digest (``manifest.hash_alg``) of the data object against the manifest, then load it
+    weights-only.
 
     :class:`InvalidCheckpoint` when the object is missing, truncated, corrupted or refused;
     :class:`StorageUnavailableError` when the store fails for now (the checkpoint may be fine).
@@ -47,16 +48,26 @@ def read_verified(wd: WorkDir, relpath: str, manifest: Manifest, map_location: A
     if size != manifest.size:
         raise InvalidCheckpoint(f"data object {manifest.data} has {size} bytes but the manifest records "
                                 f"{manifest.size} (truncated or replaced)")
-    state, sha256 = read_unverified(wd, relpath, map_location, expected_size=size)
-    if sha256 != manifest.sha256:
-        raise InvalidCheckpoint(f"data object {manifest.data} has sha256 {sha256[:16]}... but the manifest "
-                                f"records {manifest.sha256[:16]}... (corrupted)")
+    state, digest = read_unverified(wd, relpath, map_location, expected_size=size, hash_alg=manifest.hash_alg)
+    if digest != manifest.digest:
+        raise InvalidCheckpoint(f"data object {manifest.data} does not match its {manifest.hash_alg} "
+                                f"{_mismatch(digest, manifest)} (corrupted)")
     return state
 
 
-def read_unverified(wd: WorkDir, relpath: str, map_location: Any,
-                    expected_size: int | None = None) -> tuple[Any, str]:
-    """``(torch.load(weights_only=True) of relpath, its sha256)``; loading never executes code.
+def _mismatch(found: str, manifest: Manifest) -> str:
+    recorded = manifest.digest
+    if manifest.hash_alg == CRC32_CHUNKED and len(found) == len(recorded):
+        bad = next(i for i in range(0, len(recorded), 8) if found[i:i + 8] != recorded[i:i + 8]) // 8
+        end = min((bad + 1) * CRC_CHUNK, manifest.size)
+        return (f"in bytes {bad * CRC_CHUNK}-{end} ({found[bad * 8:bad * 8 + 8]} but the manifest records "
+                f"{recorded[bad * 8:bad * 8 + 8]})")
+    return f"({found[:16]}... but the manifest records {recorded[:16]}...)"
+
+
+def read_unverified(wd: WorkDir, relpath: str, map_location: Any, expected_size: int | None = None,
+                    hash_alg: str = SHA256) -> tuple[Any, str]:
+    """``(torch.load(weights_only=True) of relpath, its hex digest by hash_alg)``; loading never executes code.
 
     Locally the file is hashed by streaming and loaded from its path; remote objects are read once into
     memory. The object is hashed before it is unpickled, and the state is only returned when the caller
@@ -66,13 +77,15 @@ def read_unverified(wd: WorkDir, relpath: str, map_location: Any,
     try:
         if wd.is_local:
             source: Any = wd.path(relpath)
-            sha256, head = sha256_file(source)
+            digest, head = digest_file(source, hash_alg)
         else:
             blob = wd.read_bytes(relpath)
             if expected_size is not None and len(blob) != expected_size:
                 raise StorageUnavailableError(f"Cannot read {wd.path(relpath)}: the store returned {len(blob)} "
                                               f"of its {expected_size} bytes (retryable)")
-            sha256, head = hashlib.sha256(blob).hexdigest(), blob[:_HEAD]
+            hasher = new_digest(hash_alg)
+            hasher.update(blob)
+            digest, head = hasher.hexdigest(), blob[:_HEAD]
             source = io.BytesIO(blob)
     except (OSError, StorageError) as e:
         raise InvalidCheckpoint(f"cannot read {relpath}: {describe_error(e)}") from None
@@ -81,7 +94,7 @@ def read_unverified(wd: WorkDir, relpath: str, map_location: Any,
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,
             IndexError, UnicodeDecodeError, OSError) as e:  # what torch.load raises for bad content
         raise InvalidCheckpoint(describe_refusal(e, head)) from None
-    return state, sha256
+    return state, digest
 
 
 def describe_refusal(error: BaseException, head: bytes) -> str:
@@ -120,9 +133,9 @@ def _clean(text: str) -> str:
     return " ".join(sentences)[:200]
 
 
-def sha256_file(path: str) -> tuple[str, bytes]:
-    """``(sha256 hex, first bytes)`` of a local file, streamed."""
-    sha = hashlib.sha256()
+def digest_file(path: str, hash_alg: str = SHA256) -> tuple[str, bytes]:
+    """``(hex digest by hash_alg, first bytes)`` of a local file, streamed."""
+    digest = new_digest(hash_alg)
     buffer = bytearray(_READ_CHUNK)
     view = memoryview(buffer)
     head = b""
@@ -130,5 +143,5 @@ def sha256_file(path: str) -> tuple[str, bytes]:
         while n := f.readinto(buffer):
             if not head:
                 head = bytes(view[:_HEAD])[:n]
-            sha.update(view[:n])
-    return sha.hexdigest(), head
+            digest.update(view[:n])
+    return digest.hexdigest(), head

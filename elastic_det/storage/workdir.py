@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from ..errors import StorageError, StorageUnavailableError
-from .hashing import HashingWriter
+from .hashing import SHA256, HashingWriter
 from .local import create_without_link, fsync_dir, makedirs_durable, unlink_quietly
 
 try:  # botocore and aiohttp come with s3fs; their connection/credential errors are not OSErrors
@@ -128,16 +128,18 @@ class WorkDir:
     # ------------------------------------------------------------------------------------------------
     # Writes
 
-    def write_atomic(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+    def write_atomic(self, relpath: str, write_fn: Callable[[BinaryIO], None],
+                     hash_alg: str = SHA256) -> tuple[int, str]:
         """Write ``relpath`` through ``write_fn(file)``: complete, or invisible if anything fails.
 
-        Returns ``(size, sha256 hex)`` computed while writing. Exceptions raised by ``write_fn`` itself
-        propagate unchanged (after cleanup); storage failures become :class:`StorageError`.
+        Returns ``(size, hex digest)`` computed while writing, the digest by ``hash_alg`` (see
+        :mod:`.hashing`). Exceptions raised by ``write_fn`` itself propagate unchanged (after cleanup);
+        storage failures become :class:`StorageError`.
         """
         try:
             if self.is_local:
-                return self._write_local(relpath, write_fn)
-            return self._write_remote(relpath, write_fn)
+                return self._write_local(relpath, write_fn, hash_alg)
+            return self._write_remote(relpath, write_fn, hash_alg)
         except STORAGE_FAILURES:
             raise
         except _STORAGE_ERRORS as e:
@@ -167,11 +169,11 @@ class WorkDir:
         makedirs_durable(parent)
         return final, parent, os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
 
-    def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+    def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None], hash_alg: str) -> tuple[int, str]:
         final, parent, tmp = self._local_temp(relpath)
         try:
             with open(tmp, "xb") as raw:
-                writer = HashingWriter(raw, writeback_fd=raw.fileno())
+                writer = HashingWriter(raw, writeback_fd=raw.fileno(), hash_alg=hash_alg)
                 try:
                     write_fn(writer)
                 except BaseException:
@@ -192,10 +194,10 @@ class WorkDir:
         fsync_dir(parent)
         return writer.size, writer.hexdigest()
 
-    def _write_remote(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
+    def _write_remote(self, relpath: str, write_fn: Callable[[BinaryIO], None], hash_alg: str) -> tuple[int, str]:
         path = self._fs_path(relpath)
         f = self.fs.open(path, "wb")
-        writer = HashingWriter(f)
+        writer = HashingWriter(f, hash_alg=hash_alg)
         try:
             write_fn(writer)
             writer.close()
