@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 
 SOCKET_ENV = "ELASTIC_DET_WARM_START"  # the server's socket path, set by the supervisor
@@ -88,6 +89,7 @@ def handoff(target: str, argv: list[str], extra_path: str | None = None) -> int 
     if conn is None:
         return None
     request = {"target": target, "argv": argv, "cwd": os.getcwd(), "path": extra_path,
+               "unbuffered": bool(getattr(sys.stdout, "write_through", False)),  # torchrun runs ``python -u``
                "env": {**os.environ, PROCESS_START_ENV: f"{started or time.time():.3f}"}}
     try:
         _send(conn, json.dumps(request).encode(), fds=[0, 1, 2])
@@ -182,6 +184,9 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> int:
     ``path`` only once the imports are done, so a client that can connect gets a warm child."""
     for name in preload:
         importlib.import_module(name)
+    # Python >= 3.12 warns on every fork of a process with more than one thread; the other thread here is
+    # one torch starts at import and that data-loader workers are forked beside as well.
+    warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # a forked child could not use CUDA
         print("elastic_det.warm_start: CUDA was initialised while importing; not serving (the workers start "
@@ -233,7 +238,14 @@ def _accept(listener: socket.socket, clients: dict[int, socket.socket], closing:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:  # out of memory or processes: this client starts the trainer itself
+        print(f"elastic_det.warm_start: cannot fork a worker ({e})", file=sys.stderr, flush=True)
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return
     if pid == 0:
         _run_child(conn, fds, request, [*closing, *clients.values()])
     for fd in fds:
@@ -282,6 +294,7 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict, inherited: li
         for fd in fds:
             if fd > 2:
                 os.close(fd)
+        sys.stdout.reconfigure(line_buffering=True, write_through=bool(request.get("unbuffered")))
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -364,14 +377,16 @@ def _read_line(conn: socket.socket, deadline: float) -> str:
     return buffer.split(b"\n", 1)[0].decode()
 
 
-def start_server(directory: str, log: Callable[[str], None] | None = None) -> tuple[object, dict[str, str]]:
-    """Start ``python -m elastic_det.warm_start`` with its socket in ``directory``: the process (a Popen,
-    killed by the caller by PID) and the environment its clients need."""
+def start_server(directory: str, log: Callable[[str], None] | None = None,
+                 env: dict[str, str] | None = None) -> tuple[object, dict[str, str]]:
+    """Start ``python -m elastic_det.warm_start`` with its socket in ``directory`` (and ``env``, default this
+    process's environment): the process (a Popen, killed by the caller by PID) and the environment its
+    clients need."""
     import subprocess
 
     path = os.path.join(directory, "warm.sock")
     proc = subprocess.Popen([sys.executable, "-m", "elastic_det.warm_start", path], start_new_session=True,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)
     if log is not None:
         log(f"warm start: server pid {proc.pid} importing torch and the trainer for the workers ({path})")
     return proc, {SOCKET_ENV: path, SERVER_PID_ENV: str(proc.pid)}

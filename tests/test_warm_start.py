@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,7 +30,9 @@ CLIENT = ("import sys; from elastic_det.warm_start import handoff; "
 def server(tmp_path_factory):
     """One warm server for the module, ready (its socket exists), stopped by PID at the end."""
     directory = tmp_path_factory.mktemp("warm")
-    proc, env = start_server(str(directory))
+    # a block-buffered stdout, as the supervisor's usually is (its output goes to a file or a pipe)
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc, env = start_server(str(directory), env=plain)
     try:
         wait_for(lambda: os.path.exists(env[SOCKET_ENV]) or proc.poll() is not None, 120, "the warm server")
         assert proc.poll() is None, "the warm server exited while importing"
@@ -65,6 +68,22 @@ def test_the_child_gets_the_clients_arguments_environment_directory_and_stdio(se
     assert got["torch_loaded"]  # imported by the server before the fork, not by the child
     assert started - 1 <= got["start"] <= time.time()  # the client's start, not the fork's
     assert "to stderr" in err and "no warm server" not in err
+
+
+def test_a_client_started_with_python_u_gets_an_unbuffered_child(server, tmp_path):
+    """torchrun starts workers with ``python -u``: their output must reach the log as it is written."""
+    _, env = server
+    pid_file = tmp_path / "pid"
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-u", "-c", CLIENT, "warm_targets:print_and_hang", str(pid_file)],
+                            env=full, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the child's pid")
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        assert ready and proc.stdout.readline() == b"printed, not flushed\n"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_sigterm_to_the_client_reaches_the_child_and_its_code_comes_back(server, tmp_path):

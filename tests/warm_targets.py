@@ -37,3 +37,11 @@ def hang(argv: list[str]) -> int:
     Path(argv[0]).write_text(str(os.getpid()))
     time.sleep(120)
     return 0
+
+
+def print_and_hang(argv: list[str]) -> int:
+    """Print a line without flushing, then wait to be killed: only an unbuffered stdout shows it."""
+    print("printed, not flushed")
+    Path(argv[0]).write_text(str(os.getpid()))
+    time.sleep(120)
+    return 0
