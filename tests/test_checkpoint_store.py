@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -120,10 +121,73 @@ def test_round_trip(url):
     assert store.committed_steps() == [10]
     assert store.newest_committed_step() == 10
     on_disk = json.loads(store.work_dir.read_bytes("checkpoints/step-00000010/manifest.json"))
-    assert (on_disk["hash_alg"], on_disk["digest"], on_disk["format_version"]) == ("crc32/64MiB", manifest.digest, 2)
+    assert (on_disk["hash_alg"], on_disk["digest"], on_disk["format_version"]) == ("crc32/zip", manifest.digest, 2)
     assert "sha256" not in on_disk
     data = store.work_dir.read_bytes(data_rel(store, 10))
-    assert manifest.digest == f"{zlib.crc32(data):08x}"  # one chunk: the CRC-32 of the whole file
+    assert manifest.digest == f"{zlib.crc32(data):08x}"  # no record of 1 MiB or more: the CRC-32 of every byte
+
+
+def _zip_records(data: bytes) -> list[tuple[int, int, int]]:
+    """(data offset, size, CRC-32) of each record of a zip, read with the standard library."""
+    records = []
+    for info in zipfile.ZipFile(io.BytesIO(data)).infolist():
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        records.append((info.header_offset + 30 + name_len + extra_len, info.compress_size, info.CRC))
+    return records
+
+
+def test_digest_is_the_zip_crcs_of_large_records_and_a_crc_of_the_rest(url):
+    """crc32/zip: each record of 1 MiB or more is covered by the CRC-32 torch.save's zip writer stored for
+    it, every other byte by one CRC-32; a flipped bit anywhere, or a truncation, is caught on load."""
+    big = {"model": {"w": torch.randn(2**19), "v": torch.randn(3 * 2**18), "b": torch.randn(10)},
+           "progress": {"global_step": 20}}
+    events = Recorder()
+    store = CheckpointStore(WorkDir(url), keep_last=0, on_event=events)
+    store.save(10, make_state(10), META)
+    manifest = store.save(20, big, META)
+    data = store.work_dir.read_bytes(data_rel(store, 20))
+    regions = [r for r in _zip_records(data) if r[1] >= 2**20]
+    assert [n for _, n, _ in regions] == [2**21, 3 * 2**20]  # the two large tensors, nothing else
+    rest = bytearray()
+    start = 0
+    for offset, length, crc in regions:
+        assert zlib.crc32(data[offset:offset + length]) == crc
+        rest += data[start:offset]
+        start = offset + length
+    rest += data[start:]
+    assert manifest.hash_alg == "crc32/zip"
+    assert manifest.digest == f"{zlib.crc32(rest):08x}" + "".join(f" {o}+{n}:{c:08x}" for o, n, c in regions)
+    rel = data_rel(store, 20)
+    damaged = [("in a large record", regions[1][0] + 12345, f"bytes {regions[1][0]}-{sum(regions[1][:2])}"),
+               ("in the zip directory", len(data) - 100, "outside its zip records"),
+               ("in a local header", regions[0][0] - 40, "outside its zip records")]
+    for what, where, reason in damaged:
+        flipped = bytearray(data)
+        flipped[where] ^= 0x10
+        store.work_dir.write_bytes_atomic(rel, bytes(flipped))
+        assert store.load_latest().manifest.step == 10, what
+        assert "corrupted" in events.events[-1]["reason"] and reason in events.events[-1]["reason"], what
+        store = CheckpointStore(WorkDir(url), keep_last=0, on_event=events)
+    store.work_dir.write_bytes_atomic(rel, data[:-1])
+    assert store.load_latest().manifest.step == 10 and "truncated" in events.events[-1]["reason"]
+    store.work_dir.write_bytes_atomic(rel, data)
+    assert_same(big, CheckpointStore(WorkDir(url)).load_latest().state)
+
+
+def test_save_without_torch_zip_crcs_digests_by_reading_back(url):
+    """With torch's CRC-32s turned off (torch.serialization.set_crc32_options(False)) the zip holds no CRC to
+    rely on: the data is read back and digested as crc32/64MiB, and still verified on load."""
+    store = CheckpointStore(WorkDir(url))
+    state = {"model": {"w": torch.randn(2**19)}, "progress": {"global_step": 10}}
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        manifest = store.save(10, state, META)
+    finally:
+        torch.serialization.set_crc32_options(before)
+    data = store.work_dir.read_bytes(data_rel(store, 10))
+    assert (manifest.hash_alg, manifest.digest) == ("crc32/64MiB", f"{zlib.crc32(data):08x}")
+    assert_same(state, CheckpointStore(WorkDir(url)).load_latest().state)
 
 
 def test_truncated_newest_falls_back(url):
@@ -156,8 +220,8 @@ def test_wrong_sha_falls_back(url):
     store.work_dir.write_bytes_atomic(rel, bytes(data))
     assert store.load_latest().manifest.step == 10
     assert [e["step"] for e in events.events] == [20]
-    assert "crc32/64MiB" in events.events[0]["reason"] and "corrupted" in events.events[0]["reason"]
-    with pytest.raises(CheckpointError, match="step-00000020.*crc32/64MiB.*corrupted"):
+    assert "crc32/zip" in events.events[0]["reason"] and "corrupted" in events.events[0]["reason"]
+    with pytest.raises(CheckpointError, match="step-00000020.*crc32/zip.*corrupted"):
         store.load(store.work_dir.path(step_dir(20)))
 
 
@@ -309,12 +373,14 @@ def test_export_weights_and_load_bare_files(url):
 
 
 def test_manifest_rejects_bad_records():
-    good = Manifest(step=1, data="state-1.pt", size=3, hash_alg="crc32/64MiB", digest="0a1b2c3d")
+    good = Manifest(step=1, data="state-1.pt", size=300, hash_alg="crc32/zip", digest="0a1b2c3d 10+20:00ff00ff")
     assert Manifest.from_json(good.to_json()) == good
-    big = Manifest(step=1, data="state-1.pt", size=64 * 2**20 + 1, hash_alg="crc32/64MiB", digest="0a1b2c3d" * 2)
-    assert Manifest.from_json(big.to_json()) == big  # one CRC per 64 MiB chunk
+    chunks = Manifest(step=1, data="state-1.pt", size=64 * 2**20 + 1, hash_alg="crc32/64MiB", digest="0a1b2c3d" * 2)
+    assert Manifest.from_json(chunks.to_json()) == chunks  # one CRC per 64 MiB chunk
     for change, reason in [({"data": "../../etc/passwd"}, "plain file name"), ({"digest": "xyz"}, "8 hex"),
-                           ({"digest": "0a1b2c3d" * 2}, "8 hex"), ({"hash_alg": "md5"}, "md5.*upgrade"),
+                           ({"digest": "0a1b2c3d 10+20:00ff00ff 20+5:00000000"}, "overlapping"),
+                           ({"digest": "0a1b2c3d 290+20:00ff00ff"}, "past the end"),
+                           ({"hash_alg": "crc32/64MiB"}, "8 hex"), ({"hash_alg": "md5"}, "md5.*upgrade"),
                            ({"hash_alg": None}, "hash_alg"), ({"digest": None}, "digest"),
                            ({"format_version": 99}, "newer"), ({"step": "1"}, "step"),
                            ({"metrics": {"a": "high"}}, "malformed")]:
@@ -363,7 +429,7 @@ def test_format_1_work_dir_still_loads_verifies_and_retires(url):
     store.save(20, make_state(20, seed=1), META)  # replaces the broken one, in format 2
     store.save(40, make_state(40), META)
     assert store.committed_steps() == [20, 40]
-    assert CheckpointStore(WorkDir(url)).load_latest().manifest.hash_alg == "crc32/64MiB"
+    assert CheckpointStore(WorkDir(url)).load_latest().manifest.hash_alg == "crc32/zip"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,14 +452,14 @@ def test_stale_detected_after_the_data_write(url, monkeypatch):
     old = CheckpointStore(WorkDir(url), keep_last=1)
     old.save(5, make_state(5), META)
     new = CheckpointStore(WorkDir(url))
-    write = old.work_dir.write_atomic
+    write = old.work_dir.write_atomic_digest
 
-    def write_while_newer_commits(relpath, write_fn, **kwargs):
-        result = write(relpath, write_fn, **kwargs)
+    def write_while_newer_commits(relpath, write_fn, hash_alg):
+        result = write(relpath, write_fn, hash_alg)
         new.save(30, make_state(30), META)
         return result
 
-    monkeypatch.setattr(old.work_dir, "write_atomic", write_while_newer_commits)
+    monkeypatch.setattr(old.work_dir, "write_atomic_digest", write_while_newer_commits)
     with pytest.raises(StaleCheckpointError):
         old.save(10, make_state(10), META)
     assert old.committed_steps() == [5, 30]
@@ -428,15 +494,15 @@ def test_same_step_already_committed_returns_existing(url):
 def test_concurrent_commit_of_same_step_keeps_the_winner(url, monkeypatch):
     loser = CheckpointStore(WorkDir(url))
     winner = CheckpointStore(WorkDir(url))
-    write = loser.work_dir.write_atomic
+    write = loser.work_dir.write_atomic_digest
     won = {}
 
-    def write_while_other_commits(relpath, write_fn, **kwargs):
-        result = write(relpath, write_fn, **kwargs)
+    def write_while_other_commits(relpath, write_fn, hash_alg):
+        result = write(relpath, write_fn, hash_alg)
         won["manifest"] = winner.save(10, make_state(10, seed=1), META)
         return result
 
-    monkeypatch.setattr(loser.work_dir, "write_atomic", write_while_other_commits)
+    monkeypatch.setattr(loser.work_dir, "write_atomic_digest", write_while_other_commits)
     assert loser.save(10, make_state(10, seed=2), META) == won["manifest"]
     assert_same(make_state(10, seed=1), loser.load_latest().state)
     assert len([p for p in loser.work_dir.find(step_dir(10)) if p.endswith(".pt")]) == 1

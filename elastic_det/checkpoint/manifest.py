@@ -4,7 +4,7 @@ A step directory holds one data object and ``manifest.json``. The manifest names
 to its own directory (so a step directory can be copied elsewhere as a unit), its size and digest, and
 what produced it.
 
-Format 2 records the digest as ``hash_alg`` + ``digest`` (new checkpoints: ``crc32/64MiB``, see
+Format 2 records the digest as ``hash_alg`` + ``digest`` (new checkpoints: ``crc32/zip``, see
 :mod:`elastic_det.storage.hashing`); format 1 recorded a ``sha256`` field, and such manifests are still read
 and verified with sha256.
 """
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import metadata
 
-from ..storage.hashing import HASH_ALGS, SHA256, digest_length
+from ..storage.hashing import HASH_ALGS, SHA256, check_digest
 
 FORMAT_VERSION = 2
 
@@ -88,10 +88,10 @@ class Manifest:
             if hash_alg not in HASH_ALGS:
                 raise ValueError(f"manifest hash_alg {hash_alg!r} is not one this elastic_det knows "
                                  f"({', '.join(HASH_ALGS)}); upgrade elastic_det")
-        digits = digest_length(hash_alg, raw["size"])
-        if not re.fullmatch(rf"[0-9a-f]{{{digits}}}", digest):
-            name = "sha256" if version == 1 else f"digest ({hash_alg})"
-            raise ValueError(f"manifest {name} is not {digits} hex digits")
+        try:
+            check_digest(hash_alg, digest, raw["size"])
+        except ValueError as e:
+            raise ValueError(f"manifest {'sha256' if version == 1 else f'digest ({hash_alg})'} {e}") from None
         known = {f for f in cls.__dataclass_fields__} - {"sha256", "hash_alg", "digest"}
         values = {k: v for k, v in raw.items() if k in known}
         values.update(hash_alg=hash_alg, digest=digest)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import StorageError, StorageUnavailableError
 from ..storage import WorkDir, describe_error
-from ..storage.hashing import CRC32_CHUNKED, CRC_CHUNK, SHA256, new_digest
+from ..storage.hashing import CRC32_CHUNKED, CRC32_ZIP, CRC_CHUNK, SHA256, Digest, new_digest, parse_region_digest
 from .manifest import Manifest
 
 _READ_CHUNK = 8 << 20
@@ -48,7 +48,8 @@ def read_verified(wd: WorkDir, relpath: str, manifest: Manifest, map_location: A
     if size != manifest.size:
         raise InvalidCheckpoint(f"data object {manifest.data} has {size} bytes but the manifest records "
                                 f"{manifest.size} (truncated or replaced)")
-    state, digest = read_unverified(wd, relpath, map_location, expected_size=size, hash_alg=manifest.hash_alg)
+    state, digest = read_unverified(wd, relpath, map_location, expected_size=size, hash_alg=manifest.hash_alg,
+                                    recorded=manifest.digest)
     if digest != manifest.digest:
         raise InvalidCheckpoint(f"data object {manifest.data} does not match its {manifest.hash_alg} "
                                 f"{_mismatch(digest, manifest)} (corrupted)")
@@ -57,6 +58,13 @@ def read_verified(wd: WorkDir, relpath: str, manifest: Manifest, map_location: A
 
 def _mismatch(found: str, manifest: Manifest) -> str:
     recorded = manifest.digest
+    if manifest.hash_alg == CRC32_ZIP:
+        found_regions = parse_region_digest(found, manifest.size)
+        for (offset, length, crc), (_, _, expected) in zip(found_regions, parse_region_digest(recorded, manifest.size),
+                                                           strict=True):
+            if crc != expected:
+                return f"in bytes {offset}-{offset + length} (CRC-32 {crc:08x} but the zip records {expected:08x})"
+        return f"outside its zip records (CRC-32 {found[:8]} but the manifest records {recorded[:8]})"
     if manifest.hash_alg == CRC32_CHUNKED and len(found) == len(recorded):
         bad = next(i for i in range(0, len(recorded), 8) if found[i:i + 8] != recorded[i:i + 8]) // 8
         end = min((bad + 1) * CRC_CHUNK, manifest.size)
@@ -66,8 +74,9 @@ def _mismatch(found: str, manifest: Manifest) -> str:
 
 
 def read_unverified(wd: WorkDir, relpath: str, map_location: Any, expected_size: int | None = None,
-                    hash_alg: str = SHA256) -> tuple[Any, str]:
+                    hash_alg: str = SHA256, recorded: str = "") -> tuple[Any, str]:
     """``(torch.load(weights_only=True) of relpath, its hex digest by hash_alg)``; loading never executes code.
+    ``recorded``: the manifest's digest, which a ``crc32/zip`` digest takes its regions from.
 
     Locally the file is hashed by streaming and loaded from its path; remote objects are read once into
     memory. The object is hashed before it is unpickled, and the state is only returned when the caller
@@ -77,13 +86,13 @@ def read_unverified(wd: WorkDir, relpath: str, map_location: Any, expected_size:
     try:
         if wd.is_local:
             source: Any = wd.path(relpath)
-            digest, head = digest_file(source, hash_alg)
+            digest, head = digest_file(source, new_digest(hash_alg, recorded, expected_size or 0))
         else:
             blob = wd.read_bytes(relpath)
             if expected_size is not None and len(blob) != expected_size:
                 raise StorageUnavailableError(f"Cannot read {wd.path(relpath)}: the store returned {len(blob)} "
                                               f"of its {expected_size} bytes (retryable)")
-            hasher = new_digest(hash_alg)
+            hasher = new_digest(hash_alg, recorded, len(blob))
             hasher.update(blob)
             digest, head = hasher.hexdigest(), blob[:_HEAD]
             source = io.BytesIO(blob)
@@ -133,9 +142,8 @@ def _clean(text: str) -> str:
     return " ".join(sentences)[:200]
 
 
-def digest_file(path: str, hash_alg: str = SHA256) -> tuple[str, bytes]:
-    """``(hex digest by hash_alg, first bytes)`` of a local file, streamed."""
-    digest = new_digest(hash_alg)
+def digest_file(path: str, digest: Digest) -> tuple[str, bytes]:
+    """``(hex digest, first bytes)`` of a local file, streamed through ``digest``."""
     buffer = bytearray(_READ_CHUNK)
     view = memoryview(buffer)
     head = b""

@@ -26,6 +26,7 @@ everything else (timeouts, refused or reset connections, 5xx/SlowDown, a full di
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import uuid
@@ -35,7 +36,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from ..errors import StorageError, StorageUnavailableError
-from .hashing import SHA256, HashingWriter
+from .hashing import CRC32_CHUNKED, SHA256, HashingWriter, new_digest
 from .local import create_without_link, fsync_dir, makedirs_durable, unlink_quietly
 
 try:  # botocore and aiohttp come with s3fs; their connection/credential errors are not OSErrors
@@ -44,6 +45,8 @@ try:  # botocore and aiohttp come with s3fs; their connection/credential errors 
 except ImportError:  # pragma: no cover - s3fs is a hard dependency
     AiohttpError = OSError
     boto_errors = None
+
+log = logging.getLogger(__name__)
 
 _STORAGE_ERRORS: tuple[type[BaseException], ...] = (
     (OSError, AiohttpError) + ((boto_errors.BotoCoreError,) if boto_errors else ()))
@@ -128,14 +131,20 @@ class WorkDir:
     # ------------------------------------------------------------------------------------------------
     # Writes
 
-    def write_atomic(self, relpath: str, write_fn: Callable[[BinaryIO], None],
-                     hash_alg: str = SHA256) -> tuple[int, str]:
+    def write_atomic(self, relpath: str, write_fn: Callable[[BinaryIO], None]) -> tuple[int, str]:
         """Write ``relpath`` through ``write_fn(file)``: complete, or invisible if anything fails.
 
-        Returns ``(size, hex digest)`` computed while writing, the digest by ``hash_alg`` (see
-        :mod:`.hashing`). Exceptions raised by ``write_fn`` itself propagate unchanged (after cleanup);
-        storage failures become :class:`StorageError`.
+        Returns ``(size, sha256 hex)`` computed while writing. Exceptions raised by ``write_fn`` itself
+        propagate unchanged (after cleanup); storage failures become :class:`StorageError`.
         """
+        size, _, sha256 = self.write_atomic_digest(relpath, write_fn, SHA256)
+        return size, sha256
+
+    def write_atomic_digest(self, relpath: str, write_fn: Callable[[BinaryIO], None],
+                            hash_alg: str) -> tuple[int, str, str]:
+        """:meth:`write_atomic` with the digest by ``hash_alg`` (see :mod:`.hashing`): ``(size, hash_alg,
+        hex digest)``. For ``crc32/zip``, bytes that turn out not to be such a zip are read back and
+        digested as ``crc32/64MiB`` instead (the hash_alg returned)."""
         try:
             if self.is_local:
                 return self._write_local(relpath, write_fn, hash_alg)
@@ -169,7 +178,8 @@ class WorkDir:
         makedirs_durable(parent)
         return final, parent, os.path.join(parent, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
 
-    def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None], hash_alg: str) -> tuple[int, str]:
+    def _write_local(self, relpath: str, write_fn: Callable[[BinaryIO], None],
+                     hash_alg: str) -> tuple[int, str, str]:
         final, parent, tmp = self._local_temp(relpath)
         try:
             with open(tmp, "xb") as raw:
@@ -187,14 +197,16 @@ class WorkDir:
             on_disk = os.stat(tmp).st_size
             if on_disk != writer.size:
                 raise StorageUnavailableError(f"Wrote {writer.size} bytes to {final} but {on_disk} are on disk")
+            hash_alg, digest = _digest_or_read_back(writer, lambda: open(tmp, "rb"))
             os.replace(tmp, final)
         except BaseException:
             unlink_quietly(tmp)
             raise
         fsync_dir(parent)
-        return writer.size, writer.hexdigest()
+        return writer.size, hash_alg, digest
 
-    def _write_remote(self, relpath: str, write_fn: Callable[[BinaryIO], None], hash_alg: str) -> tuple[int, str]:
+    def _write_remote(self, relpath: str, write_fn: Callable[[BinaryIO], None],
+                      hash_alg: str) -> tuple[int, str, str]:
         path = self._fs_path(relpath)
         f = self.fs.open(path, "wb")
         writer = HashingWriter(f, hash_alg=hash_alg)
@@ -214,7 +226,12 @@ class WorkDir:
             self.delete(relpath)
             raise StorageUnavailableError(f"Wrote {writer.size} bytes to {self.path(relpath)} but the store "
                                           f"holds {stored}; the object was deleted")
-        return writer.size, writer.hexdigest()
+        try:
+            hash_alg, digest = _digest_or_read_back(writer, lambda: self.fs.open(path, "rb"))
+        except BaseException:
+            self.delete(relpath)
+            raise
+        return writer.size, hash_alg, digest
 
     def _create_local(self, relpath: str, data: bytes) -> bool:
         final, parent, tmp = self._local_temp(relpath)
@@ -508,6 +525,21 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno and os.strerror(error.errno) not in text:
         return f"{text} ({os.strerror(error.errno)})"
     return text
+
+
+def _digest_or_read_back(writer: HashingWriter, open_written: Callable[[], BinaryIO]) -> tuple[str, str]:
+    """``(hash_alg, digest)`` of what ``writer`` wrote; read back and digested as ``crc32/64MiB`` when its
+    own hash_alg cannot describe the bytes (a ``crc32/zip`` that was not such a zip)."""
+    digest = writer.hexdigest()
+    if digest is not None:
+        return writer.hash_alg, digest
+    log.warning("Checkpoint data is not a zip with CRC-32s as torch.save writes it; digesting it by reading it "
+                "back (slower)")
+    chunked = new_digest(CRC32_CHUNKED)
+    with open_written() as f:
+        while chunk := f.read(8 << 20):
+            chunked.update(chunk)
+    return CRC32_CHUNKED, chunked.hexdigest()
 
 
 def _discard(f: Any) -> None:
