@@ -237,7 +237,9 @@ class Cluster:
         from helpers import torchrun_cmd
 
         cmd = torchrun_cmd(2, args, max_restarts=max_restarts)
-        module = cmd.index("-m", cmd.index("--monitor-interval=0.2"))
+        monitor = cmd.index("--monitor-interval=0.2")
+        cmd[monitor] = "--monitor-interval=0.1"  # torchrun's default, which the launchers keep
+        module = cmd.index("-m", monitor)
         self.cmd = [*cmd[:module], str(Path(__file__).resolve()), "--probe", *cmd[module + 2:]]
         self.agents: list[subprocess.Popen] = []
         self.seen: set[int] = set()
