@@ -205,6 +205,8 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> int:
     signal.signal(signal.SIGCHLD, lambda s, f: None)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, f: stopping.append(s))
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):  # Slurm signals every process of the step: not for us
+        signal.signal(sig, signal.SIG_IGN)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
@@ -282,7 +284,7 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict, inherited: li
     code = 1
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for thing in inherited:  # other clients' connections must close when those clients die

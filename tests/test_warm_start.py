@@ -135,6 +135,7 @@ def test_a_stopped_server_removes_its_socket_and_leaves_running_children_alone(t
         pid_file = tmp_path / "pid"
         worker = client(env, "warm_targets:wait_for_sigterm", str(pid_file))
         child = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60, "the child's pid"))
+        proc.send_signal(signal.SIGUSR1)  # Slurm signals every process of its step: ignored by the server
         proc.terminate()
         assert proc.wait(30) == 0 and not os.path.exists(env[SOCKET_ENV])
         assert alive(child)  # a training worker outlives the server; it reports its own exit code
