@@ -66,6 +66,11 @@ def _unlink_holding(path: str, held: list[int]) -> None:
 
 
 def _close_all(fds: list[int], previous: threading.Thread | None) -> None:
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:  # never urgent: yield the CPU to training (Linux: a thread's nice value is its own)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
     if previous is not None:
         previous.join()  # one freeing at a time: they compete for the same disk
     for fd in fds:
