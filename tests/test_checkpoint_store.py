@@ -735,6 +735,62 @@ class BlockingStore:
         return Manifest(step=step, data="x.pt", size=0, sha256="0" * 64)
 
 
+def _can_raise_thread_priority() -> bool:
+    """Whether this process may give a thread back a priority it lowered (root, CAP_SYS_NICE, RLIMIT_NICE)."""
+    result, base = [], os.getpriority(os.PRIO_PROCESS, 0)
+
+    def probe():
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, base)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux")
+def test_async_writer_yields_the_cpu_until_the_loop_waits_for_it(tmp_path, monkeypatch):
+    """The save thread writes at nice 19 while training runs; once the training thread waits for it (the
+    next, final or preemption save) it gets the caller's priority back, where the process may raise it."""
+    store = CheckpointStore(WorkDir(str(tmp_path)))
+    saver = AsyncSaver(store)
+    writing, release, seen = threading.Event(), threading.Event(), []
+    save = store.save
+
+    def observed_save(step, state, meta):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        writing.set()
+        assert release.wait(60)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return save(step, state, meta)
+
+    monkeypatch.setattr(store, "save", observed_save)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    raised = _can_raise_thread_priority()
+    saver.submit(1, make_state(1), META, lambda *args: None)
+    assert writing.wait(60)
+    writer = saver._thread.native_id
+
+    def release_once_raised():  # polls with a deadline: wait() must raise the priority before the join
+        deadline = time.monotonic() + 30
+        while raised and os.getpriority(os.PRIO_PROCESS, writer) != base and time.monotonic() < deadline:
+            time.sleep(0.005)
+        release.set()
+
+    releaser = threading.Thread(target=release_once_raised)
+    releaser.start()
+    saver.wait()
+    releaser.join()
+    assert seen == [19, base if raised else 19]
+    assert store.committed_steps() == [1]
+
+
 def test_async_submit_waits_for_the_save_in_flight():
     store = BlockingStore()
     saver = AsyncSaver(store)

@@ -183,11 +183,12 @@ def _copies_done(copied: threading.Event) -> None:
         _pending_copies.discard(copied)
 
 
-def _lower_priority() -> None:
-    """Make this thread yield the CPU to training (Linux: a thread's nice value is its own)."""
-    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+def _set_niceness(native_id: int | None, niceness: int) -> None:
+    """Set a thread's nice value (Linux: a thread's nice value is its own). Raising it back needs privileges
+    (root, CAP_SYS_NICE or RLIMIT_NICE): without them it stays where it is."""
+    if native_id is not None and hasattr(os, "setpriority"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+            os.setpriority(os.PRIO_PROCESS, native_id, niceness)
         except OSError:
             pass
 
@@ -213,6 +214,8 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._spare: dict | None = None
         self._callback_error: BaseException | None = None
+        self._priority_lock = threading.Lock()
+        self._awaited = False  # the training thread waits for the save in flight: it must not yield any more
 
     def submit(self, step: int, state: dict, meta: dict, on_done: OnDone) -> None:
         """Snapshot ``state`` (blocking, except the deferred copies) and save it in the background.
@@ -223,6 +226,7 @@ class AsyncSaver:
         """
         self.wait()
         start = time.perf_counter()
+        self._awaited = False
         deferred: list[DeferredCopy] | None = [] if self.defer_copies else None
         snapshot = snapshot_to_cpu(state, reuse=self._spare, defer=deferred)
         self._spare = None
@@ -247,7 +251,9 @@ class AsyncSaver:
                 copy_deferred(deferred)
             finally:
                 _copies_done(copied)
-            _lower_priority()
+            with self._priority_lock:
+                if not self._awaited:
+                    _set_niceness(threading.get_native_id(), WRITER_NICENESS)
             manifest = self.store.save(step, snapshot, meta)
         except BaseException as e:  # reported to on_done; the training thread decides what to do
             error = e
@@ -261,10 +267,17 @@ class AsyncSaver:
     def wait(self) -> None:
         """Block until no save is in flight (a no-op when called from the save thread itself).
 
+        The save thread gets the caller's CPU priority back first where the process may raise priorities
+        (a preemption save must not wait for a writer that yields to everything else on the machine).
         Raises what an ``on_done`` callback raised (a bug: it must not vanish with the save thread).
         """
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
+            if thread.is_alive():
+                with self._priority_lock:
+                    self._awaited = True
+                    if hasattr(os, "getpriority"):
+                        _set_niceness(thread.native_id, os.getpriority(os.PRIO_PROCESS, 0))
             thread.join()
             error, self._callback_error = self._callback_error, None
             if error is not None:
