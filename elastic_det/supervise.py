@@ -429,4 +429,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # No interpreter teardown: the pre-flight imported torch, whose teardown took ~1 s here, and a
+    # scheduler relaunches only once this process is gone. Every file is closed and every child waited for.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
