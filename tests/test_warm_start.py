@@ -128,6 +128,23 @@ def test_without_a_live_server_the_client_runs_the_target_itself(tmp_path):
     assert time.monotonic() - started < 10
 
 
+def test_a_server_that_died_sends_its_clients_cold_at_once(tmp_path):
+    """A server that died while importing stays a zombie until its parent waits for it: its clients must
+    see that it is gone and start cold at once, not wait for the socket until the deadline."""
+    proc, env = start_server(str(tmp_path))
+    try:
+        proc.kill()  # not waited for: a zombie, as under a supervisor busy with its pre-flight
+        wait_for(lambda: not alive(proc.pid), 10, "the server to die")
+        started = time.monotonic()
+        worker = client(env, "warm_targets:report", "0", stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                        text=True)
+        _, err = worker.communicate(timeout=60)
+        assert worker.returncode == 99 and "no warm server" in err, err
+        assert time.monotonic() - started < 10  # READY_TIMEOUT_S is 120 s
+    finally:
+        proc.wait()
+
+
 def test_a_stopped_server_removes_its_socket_and_leaves_running_children_alone(tmp_path):
     proc, env = start_server(str(tmp_path))
     try:
