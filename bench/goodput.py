@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import Procs, base_env, children, read_jsonl, torchrun_cmd  # noqa: E402
+from helpers import Procs, base_env, children, cmdline, read_jsonl, torchrun_cmd  # noqa: E402
 
 from elastic_det.ledger import LAUNCH_TIME_ENV, LEDGER  # noqa: E402
 from elastic_det.report import BUCKETS, Report, build_report  # noqa: E402
@@ -102,7 +102,7 @@ def committed_since(work: Path, since: float) -> bool:
 def worker_ranks(launched: int) -> dict[int, int]:
     """RANK -> pid of the worker processes torchrun started (under the supervisor, its grandchildren; a
     warm worker's trainer, forked by the warm server, has the RANK too but is not torchrun's child)."""
-    agents = [launched] + [p for p in children(launched) if b"torch.distributed.run" in _cmdline(p)]
+    agents = [launched] + [p for p in children(launched) if "torch.distributed.run" in cmdline(p)]
     out = {}
     for pid in (p for agent in agents for p in children(agent)):
         try:
@@ -113,13 +113,6 @@ def worker_ranks(launched: int) -> dict[int, int]:
             if item.startswith(b"RANK="):
                 out[int(item[5:])] = pid
     return out
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 class Bench:

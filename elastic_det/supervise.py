@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -58,11 +57,6 @@ from .supervise_checks import Target, check_torch, committed_step, progress_stor
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 FORWARD_AS = {signal.SIGUSR1: signal.SIGUSR1, signal.SIGUSR2: signal.SIGUSR2}  # the rest go on as SIGTERM
-_PR_SET_PDEATHSIG = 1
-try:
-    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-except OSError:  # pragma: no cover - no C library to ask
-    _LIBC = None
 
 
 @dataclass
@@ -289,7 +283,8 @@ class Supervisor:
         env = {**os.environ, **self.warm_env, exit_status.EXIT_DIR_ENV: exit_dir,
                LAUNCH_TIME_ENV: f"{launched:.3f}"}
         try:
-            proc = subprocess.Popen(self.command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(self.command, env=env, start_new_session=True,
+                                    preexec_fn=warm_start.die_with_parent)
         except OSError as e:
             shutil.rmtree(exit_dir, ignore_errors=True)
             say(f"cannot start {self.name}: {e}")
@@ -389,13 +384,6 @@ def _launch_time() -> float:
         return float(os.environ[LAUNCH_TIME_ENV])
     except (KeyError, ValueError):
         return warm_start.process_start_time() or time.time()
-
-
-def _die_with_parent() -> None:
-    """In COMMAND's process before exec (Linux): get SIGTERM when the supervisor dies, so that a torchrun
-    in its own session never trains on unsupervised (it saves and stops, like after a preemption)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def command_name(command: list[str]) -> str:

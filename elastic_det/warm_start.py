@@ -28,6 +28,7 @@ client must start in milliseconds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import os
@@ -49,6 +50,11 @@ PRELOAD = ("torch", "torchvision", "elastic_det.trainer", "elastic_det.train")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 READY_TIMEOUT_S = 120.0  # how long a client waits for a server that is still importing
 _HEADER = struct.Struct("!I")
+_PR_SET_PDEATHSIG = 1
+try:  # loaded here, not in the forked child that calls prctl
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - no C library to ask
+    _LIBC = None
 
 
 def process_start_time() -> float | None:
@@ -396,17 +402,18 @@ def start_server(directory: str, log: Callable[[str], None] | None = None,
 
     path = os.path.join(directory, "warm.sock")
     proc = subprocess.Popen([sys.executable, "-m", "elastic_det.warm_start", path], start_new_session=True,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)
+                            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, env=env)
     if log is not None:
         log(f"warm start: server pid {proc.pid} importing torch and the trainer for the workers ({path})")
     return proc, {SOCKET_ENV: path, SERVER_PID_ENV: str(proc.pid)}
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+def die_with_parent() -> None:
+    """In a child before exec (Linux; a ``preexec_fn``): get SIGTERM when the parent dies. The supervisor
+    gives it to torchrun (which then saves and stops, like after a preemption, instead of training on
+    unsupervised) and to the warm server."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from helpers import (
     alive,
     base_env,
     children,
+    cmdline,
     events,
     fast_overrides,
     free_port,
@@ -479,13 +480,6 @@ def listener(port: int, pids: list[int]) -> int | None:
         if any(link == f"socket:[{inode}]" for inode in inodes for link in links):
             return pid
     return None
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return ""
 
 
 class Node:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, alive, base_env, children, events, fast_overrides, read_jsonl, train_steps, wait_for
+from helpers import REPO, alive, base_env, children, cmdline, events, fast_overrides, read_jsonl, train_steps, wait_for
 
 from elastic_det.warm_start import SERVER_PID_ENV, SOCKET_ENV, start_server
 
@@ -40,13 +40,6 @@ def server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return ""
 
 
 def client(env: dict[str, str], target: str, *args: str, cwd: Path = REPO, **popen) -> subprocess.Popen:
