@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 
 from ..errors import DataError, StorageUnavailableError
-from ..storage.workdir import describe_error, is_final, s3_options
+from ..storage import describe_error, is_final, s3_options
 
 try:  # botocore comes with s3fs; its connection errors are not OSErrors
     from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError

@@ -17,10 +17,7 @@ S3 endpoint and credentials come from the standard AWS environment (``AWS_ENDPOI
 Every S3 request is bounded in time (``timeout``: connect and read timeouts, few retries; see
 :func:`s3_options`), so a store that stops answering turns into a failed operation, not a hang.
 
-Failures are classified (:func:`storage_error`): a location that can never work (no such bucket, access
-denied, no credentials, an invalid URL, a path under a file) is a :class:`StorageError` (final, exit 2);
-everything else (timeouts, refused or reset connections, 5xx/SlowDown, a full disk) is a
-:class:`StorageUnavailableError` (retryable, exit 75).
+Failures are classified by :mod:`.classify` (final: exit 2, or retryable: exit 75).
 """
 
 from __future__ import annotations
@@ -36,34 +33,12 @@ from typing import Any, BinaryIO
 import fsspec
 
 from ..errors import StorageError, StorageUnavailableError
+from .classify import STORAGE_ERRORS, STORAGE_FAILURES, cut_mid_body, describe_error, storage_error
 from .hashing import CRC32_CHUNKED, SHA256, HashingWriter, new_digest
 from .local import create_without_link, fsync_dir, makedirs_durable, unlink_quietly
 
-try:  # botocore and aiohttp come with s3fs; their connection/credential errors are not OSErrors
-    from aiohttp import ClientError as AiohttpError
-    from botocore import exceptions as boto_errors
-except ImportError:  # pragma: no cover - s3fs is a hard dependency
-    AiohttpError = OSError
-    boto_errors = None
-
 log = logging.getLogger(__name__)
 
-_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
-    (OSError, AiohttpError) + ((boto_errors.BotoCoreError,) if boto_errors else ()))
-"""What the storage libraries raise when storage fails (as opposed to a bug in the caller)."""
-
-STORAGE_FAILURES = (StorageError, StorageUnavailableError)
-"""What :class:`WorkDir` raises when storage fails: final or retryable."""
-
-_FINAL_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
-                           errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP, errno.EEXIST})
-"""OS errors that no retry can fix: a missing bucket or directory, access denied, an invalid name."""
-
-_FINAL_BOTO = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
-               "ParamValidationError", "NoRegionError", "InvalidRegionError", "ProfileNotFound",
-               "InvalidEndpointConfigurationError", "InvalidS3AddressingStyleError", "UnknownSignatureVersionError",
-               "InvalidConfigError", "UnknownEndpointError")
-"""botocore errors that mean "this configuration can never work" (the others are network trouble)."""
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds one S3 request may wait for the store (connect, or each read of its answer)."""
@@ -151,7 +126,7 @@ class WorkDir:
             return self._write_remote(relpath, write_fn, hash_alg)
         except STORAGE_FAILURES:
             raise
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot write {self.path(relpath)}", e) from e
 
     def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
@@ -168,7 +143,7 @@ class WorkDir:
             if self.is_local:
                 return self._create_local(relpath, data)
             return self._create_remote(relpath, data)
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot create {self.path(relpath)}", e) from e
 
     def _local_temp(self, relpath: str) -> tuple[str, str, str]:
@@ -278,15 +253,15 @@ class WorkDir:
             self.fs.invalidate_cache(path)
             try:
                 return self.fs.cat_file(path)
-            except _STORAGE_ERRORS as e:
-                if not _cut_mid_body(e):
+            except STORAGE_ERRORS as e:
+                if not cut_mid_body(e):
                     raise
                 return self.fs.cat_file(path)
         except FileNotFoundError:
             raise
         except IsADirectoryError as e:
             raise FileNotFoundError(f"{self.path(relpath)} is a directory") from e
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot read {self.path(relpath)}", e) from e
 
     def size(self, relpath: str) -> int:
@@ -299,7 +274,7 @@ class WorkDir:
             info = self.fs.info(path)
         except FileNotFoundError:
             raise
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot stat {self.path(relpath)}", e) from e
         if info["type"] != "file":
             raise FileNotFoundError(f"{self.path(relpath)} is not a file")
@@ -312,7 +287,7 @@ class WorkDir:
         self.fs.invalidate_cache(path)
         try:
             return self.fs.exists(path)
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot look up {self.path(relpath)}", e) from e
 
     def listdir(self, relpath: str) -> list[str]:
@@ -325,7 +300,7 @@ class WorkDir:
             entries = self.fs.ls(path, detail=False, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot list {self.path(relpath)}", e) from e
         if [e.rstrip("/") for e in entries] == [path]:
             return []  # a file, not a directory
@@ -348,7 +323,7 @@ class WorkDir:
             found = self.fs.find(path)
         except FileNotFoundError:
             return []
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot list {self.path(relpath)}", e) from e
         prefix = path + "/"
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
@@ -371,7 +346,7 @@ class WorkDir:
             self.fs.rm(path, recursive=recursive)
         except FileNotFoundError:
             pass
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Cannot delete {self.path(relpath)}", e) from e
         finally:
             if not self.is_local:
@@ -401,7 +376,7 @@ class WorkDir:
         except STORAGE_FAILURES as e:
             cause = e.__cause__ if e.__cause__ is not None else e
             raise type(e)(f"Work dir {self.url} is not writable: {describe_error(cause)}") from cause
-        except _STORAGE_ERRORS as e:
+        except STORAGE_ERRORS as e:
             raise storage_error(f"Work dir {self.url} is not writable", e, self._explain(e)) from e
 
     def _probe_fs(self) -> fsspec.AbstractFileSystem:
@@ -466,67 +441,6 @@ def s3_options(options: dict, timeout: float = DEFAULT_TIMEOUT) -> dict:
     return options
 
 
-def is_final(error: BaseException) -> bool:
-    """Whether a storage failure can never go away by retrying (see the module docstring)."""
-    if isinstance(error, STORAGE_FAILURES):
-        return isinstance(error, StorageError)
-    if boto_errors is not None and isinstance(error, boto_errors.BotoCoreError):
-        return any(cls.__name__ in _FINAL_BOTO for cls in type(error).__mro__)
-    if isinstance(error, (TimeoutError, ConnectionError)):
-        return False
-    if isinstance(error, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
-                          FileExistsError)):
-        return True
-    if isinstance(error, OSError) and error.errno in _FINAL_ERRNOS:
-        return True
-    cause = error.__cause__
-    if cause is not None and cause is not error and boto_errors is not None and \
-            isinstance(cause, boto_errors.BotoCoreError):
-        return is_final(cause)
-    return False
-
-
-def _cut_mid_body(error: BaseException) -> bool:
-    """Whether a read failed because the answer's body was cut off (a reset), not by a timeout."""
-    seen = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, TimeoutError):
-            return False
-        if isinstance(cause, ConnectionResetError) or type(cause).__name__ in _CUT_BODY:
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-_CUT_BODY = frozenset({"ClientPayloadError", "ContentLengthError", "ResponseStreamingError", "IncompleteReadError"})
-
-
-def storage_error(message: str, error: BaseException, reason: str = "") -> StorageError | StorageUnavailableError:
-    """``message: reason`` as a :class:`StorageError` (final) or :class:`StorageUnavailableError`
-    (retryable), by :func:`is_final` of ``error``."""
-    reason = reason or describe_error(error)
-    if is_final(error):
-        return StorageError(f"{message}: {reason}")
-    return StorageUnavailableError(f"{message}: {reason} (the store is failing for now: retryable)")
-
-
-def describe_error(error: BaseException) -> str:
-    """A one-line cause, with the root OS-level reason (e.g. connection refused) when there is one."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    seen = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
-            return f"{text} (connection refused)"
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(error, OSError) and error.errno and os.strerror(error.errno) not in text:
-        return f"{text} ({os.strerror(error.errno)})"
-    return text
-
-
 def _digest_or_read_back(writer: HashingWriter, open_written: Callable[[], BinaryIO]) -> tuple[str, str]:
     """``(hash_alg, digest)`` of what ``writer`` wrote; read back and digested as ``crc32/64MiB`` when its
     own hash_alg cannot describe the bytes (a ``crc32/zip`` that was not such a zip)."""
@@ -550,6 +464,6 @@ def _discard(f: Any) -> None:
     """
     try:
         f.discard()
-    except _STORAGE_ERRORS:  # the abort is best effort; an unfinished upload is invisible anyway
+    except STORAGE_ERRORS:  # the abort is best effort; an unfinished upload is invisible anyway
         pass
     f.closed = True

@@ -1,0 +1,98 @@
+"""Storage failures sorted into final and retryable, for every storage user (work dir, remote data).
+
+A location that can never work (no such bucket, access denied, no credentials, an invalid URL, a path
+under a file) is a :class:`StorageError` (final, exit 2); everything else (timeouts, refused or reset
+connections, 5xx/SlowDown, a full disk) is a :class:`StorageUnavailableError` (retryable, exit 75).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ..errors import StorageError, StorageUnavailableError
+
+try:  # botocore and aiohttp come with s3fs; their connection/credential errors are not OSErrors
+    from aiohttp import ClientError as AiohttpError
+    from botocore import exceptions as boto_errors
+except ImportError:  # pragma: no cover - s3fs is a hard dependency
+    AiohttpError = OSError
+    boto_errors = None
+
+
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    (OSError, AiohttpError) + ((boto_errors.BotoCoreError,) if boto_errors else ()))
+"""What the storage libraries raise when storage fails (as opposed to a bug in the caller)."""
+
+STORAGE_FAILURES = (StorageError, StorageUnavailableError)
+"""What :class:`WorkDir` raises when storage fails: final or retryable."""
+
+_FINAL_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                           errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP, errno.EEXIST})
+"""OS errors that no retry can fix: a missing bucket or directory, access denied, an invalid name."""
+
+_FINAL_BOTO = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+               "ParamValidationError", "NoRegionError", "InvalidRegionError", "ProfileNotFound",
+               "InvalidEndpointConfigurationError", "InvalidS3AddressingStyleError", "UnknownSignatureVersionError",
+               "InvalidConfigError", "UnknownEndpointError")
+"""botocore errors that mean "this configuration can never work" (the others are network trouble)."""
+
+def is_final(error: BaseException) -> bool:
+    """Whether a storage failure can never go away by retrying (see the module docstring)."""
+    if isinstance(error, STORAGE_FAILURES):
+        return isinstance(error, StorageError)
+    if boto_errors is not None and isinstance(error, boto_errors.BotoCoreError):
+        return any(cls.__name__ in _FINAL_BOTO for cls in type(error).__mro__)
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return False
+    if isinstance(error, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                          FileExistsError)):
+        return True
+    if isinstance(error, OSError) and error.errno in _FINAL_ERRNOS:
+        return True
+    cause = error.__cause__
+    if cause is not None and cause is not error and boto_errors is not None and \
+            isinstance(cause, boto_errors.BotoCoreError):
+        return is_final(cause)
+    return False
+
+
+def cut_mid_body(error: BaseException) -> bool:
+    """Whether a read failed because the answer's body was cut off (a reset), not by a timeout."""
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, TimeoutError):
+            return False
+        if isinstance(cause, ConnectionResetError) or type(cause).__name__ in _CUT_BODY:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+_CUT_BODY = frozenset({"ClientPayloadError", "ContentLengthError", "ResponseStreamingError", "IncompleteReadError"})
+
+
+def storage_error(message: str, error: BaseException, reason: str = "") -> StorageError | StorageUnavailableError:
+    """``message: reason`` as a :class:`StorageError` (final) or :class:`StorageUnavailableError`
+    (retryable), by :func:`is_final` of ``error``."""
+    reason = reason or describe_error(error)
+    if is_final(error):
+        return StorageError(f"{message}: {reason}")
+    return StorageUnavailableError(f"{message}: {reason} (the store is failing for now: retryable)")
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line cause, with the root OS-level reason (e.g. connection refused) when there is one."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
+            return f"{text} (connection refused)"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, OSError) and error.errno and os.strerror(error.errno) not in text:
+        return f"{text} ({os.strerror(error.errno)})"
+    return text
