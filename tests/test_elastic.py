@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    PYTHON,
     Procs,
     alive,
     base_env,
@@ -175,6 +176,39 @@ def reference(tmp_path_factory, cache):
     check_each_sample_once_per_epoch(list(trace.values()), ids)
     assert [len(union(trace[s])) for s in range(STEPS_PER_EPOCH)] == [7, 7, 7, 7, 7, 5]  # the partial batch kept
     return {"work": work, "trace": trace, "losses": losses(work), "ids": ids}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 0. Under the supervisor: workers forked by the warm server train exactly as cold ones
+
+
+def test_warm_workers_under_the_supervisor_continue_the_reference_exactly(tmp_path, cache, procs, reference):
+    """The launchers' path: supervisor -> torchrun (2 workers, forked ready by the warm server). Same
+    samples and bitwise the same losses as the cold reference; a SIGTERM to the supervisor saves, and the
+    relaunched supervisor (a new warm server) resumes at that step with the same samples and losses."""
+    env, work = base_env(cache), tmp_path / "warm"
+    supervised = [PYTHON, "-m", "elastic_det.supervise", "--",
+                  *torchrun_cmd(2, ["--work-dir", str(work), "--cfg-options",
+                                    *elastic_opts(cache, f"train.max_steps={S}")])]
+    proc = procs.start(supervised, env, tmp_path / "first.log")
+    wait_for(lambda: max(train_steps(work), default=0) >= 4 or proc.poll() is not None, 100, "4 steps")
+    assert proc.poll() is None, tail(tmp_path / "first.log")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc, 60, tmp_path / "first.log") == 143, tail(tmp_path / "first.log")
+    (preempt,) = events(work, "preempt")
+    run_to_end(procs, supervised, env, tmp_path / "second.log")
+    (resume,) = events(work, "resume")
+    assert resume["step"] == preempt["step"]
+    starts = [r for r in read_jsonl(work / "ledger.jsonl") if r["kind"] == "process_start"]
+    assert [r["warm_start"] for r in starts] == [True, True]
+    before, after = trace_attempts(work)
+    assert [line["step"] for line in before + after] == list(range(S))  # no step skipped or repeated
+    for line in before + after:
+        assert line["ids"] == reference["trace"][line["step"]]["ids"]
+    got = losses(work)
+    assert sorted(got) == list(range(1, S + 1))
+    assert all(loss == reference["losses"][s] for s, loss in got.items() if s <= preempt["step"])  # bitwise
+    assert loss_mismatches(got, reference["losses"], preempt["step"] + 1) == []
 
 
 # ----------------------------------------------------------------------------------------------------------
