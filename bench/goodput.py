@@ -36,11 +36,12 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ class Result:
     launches: int
     interruptions: int
     report: Report
+    stops: list[tuple[float, float]] = field(default_factory=list)  # (SIGTERM sent, launched process exited)
 
 
 def done(work: Path) -> bool:
@@ -138,6 +140,7 @@ class Bench:
         log = self.root / f"{name}.log"
         start = time.time()
         launches = interruptions = 0
+        stops: list[tuple[float, float]] = []
         if name == "kill":
             agent = self.launch(work, log, max_restarts=1000)
             launches, victim, last = 1, 1, start
@@ -160,9 +163,12 @@ class Bench:
                     self.procs.remember(agent)
                     if (name == "preempt" and time.time() - launched >= self.every
                             and trained_since(work, launched)):
+                        sent = time.time()
                         agent.send_signal(signal.SIGTERM)  # forwarded by torchrun to its workers
                         interruptions += 1
-                        agent.wait(timeout=300)
+                        while agent.poll() is None:  # as a scheduler sees it: polled, not waited
+                            time.sleep(0.01)
+                        stops.append((sent, time.time()))
                         break
                     time.sleep(0.2)
                 if name == "uninterrupted" and agent.returncode != 0:
@@ -173,7 +179,7 @@ class Bench:
         if not (work / LEDGER).exists():
             print(f"note: {name}: no {LEDGER} (the ledger is not wired into the trainer): the report falls back "
                   "to metrics.jsonl", file=sys.stderr)
-        return Result(name, wall, launches, interruptions, build_report(read_history(str(work))))
+        return Result(name, wall, launches, interruptions, build_report(read_history(str(work))), stops)
 
 
 def main() -> int:
@@ -210,7 +216,47 @@ def main() -> int:
     print(f"\nuninterrupted: {base_steps} steps in {base_seconds:.1f} s ({base_seconds / base_steps:.3f} s/step): "
           "the ground truth's numerator\n")
     print(table(results, base_seconds, root))
+    for r in results:
+        if r.stops:
+            print(f"\n{r.name}: each preemption, phase by phase (seconds; medians last)\n"
+                  + relaunch_phases(root / r.name, r.stops))
     return 0
+
+
+RELAUNCH_PHASES = ("stop", "relaunch", "pre-flight", "torchrun", "warm wait", "restore", "first step", "total")
+
+
+def relaunch_phases(work: Path, stops: list[tuple[float, float]]) -> str:
+    """Per preemption: SIGTERM -> the launched process exited (stop; the step in flight, the save, the exits),
+    -> the next launch (relaunch, this bench's poll), -> torchrun started (the supervisor's pre-flight),
+    -> the worker process started (torchrun's start-up, rendezvous, spawn), -> the trainer's imports were
+    done (waiting for the warm server), -> training started (process group, data, model, restore) -> the
+    first step was done. From the ledger and the supervisors' attempt logs."""
+    ledger = read_jsonl(work / LEDGER)
+    starts = sorted(r["time"] for path in (work / "supervisor").glob("*.jsonl") for r in read_jsonl(path)
+                    if r.get("event") == "attempt_start")
+    attempts: dict[str, dict[str, float]] = {}
+    for r in ledger:
+        marks = attempts.setdefault(r.get("attempt", ""), {})
+        marks.setdefault(r["kind"], r["time"])
+        if r["kind"] == "process_start" and r.get("launch_time"):
+            marks.setdefault("launch", r["launch_time"])
+    ordered = sorted((m for m in attempts.values() if "process_start" in m), key=lambda m: m["process_start"])
+    rows = []
+    for sent, exited in stops:
+        nxt = next((m for m in ordered if m["process_start"] > exited), None)
+        torchrun = next((t for t in starts if t > exited), None)
+        if nxt is None or torchrun is None or not {"launch", "imports_done", "train_start", "first_step"} <= set(nxt):
+            continue
+        marks = [sent, exited, nxt["launch"], torchrun, nxt["process_start"], nxt["imports_done"],
+                 nxt["train_start"], nxt["first_step"]]
+        rows.append([b - a for a, b in zip(marks, marks[1:], strict=False)] + [marks[-1] - sent])
+    if not rows:
+        return "  (no complete relaunch on record)"
+    lines = ["  " + "".join(f"{p:>12}" for p in RELAUNCH_PHASES)]
+    lines += ["  " + "".join(f"{v:>12.2f}" for v in row) for row in rows]
+    lines.append("  " + "".join(f"{statistics.median(col):>12.2f}" for col in zip(*rows, strict=True)))
+    return "\n".join(lines)
 
 
 def own_steps_time(work: Path) -> float:

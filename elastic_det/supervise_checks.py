@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from .errors import ElasticDetError, UserError
@@ -43,10 +45,12 @@ def parse_version(text: str) -> tuple[int, int]:
 
 def check_torch(version: str | None = None) -> None:
     """Raise :class:`UnsupportedTorchError` when ``version`` (default: the installed torch) is too old."""
-    if version is None:
-        import torch
-
-        version = torch.__version__
+    if version is None:  # the installed distribution's version: importing torch here would take seconds
+        try:
+            version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            raise UnsupportedTorchError("torch is not installed in this environment (python: "
+                                        f"{sys.executable}); install the project with pip first.") from None
     if parse_version(version) < TORCH_FLOOR:
         need = ".".join(map(str, TORCH_FLOOR))
         raise UnsupportedTorchError(

@@ -411,14 +411,42 @@ def test_torch_floor():
 
 
 def test_an_old_torch_stops_before_the_command(tmp_path):
+    """The installed torch distribution's version is read (without importing torch): an environment whose
+    first torch on the path is 2.9.1 stops before the command runs."""
     standin = Standin(tmp_path, [{"exit": 0}])
-    code = ("import sys, torch; torch.__version__ = '2.9.1'; from elastic_det.supervise import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    result = subprocess.run([PYTHON, "-c", code, "--work-dir", str(standin.work), "--", *standin.command],
-                            env=base_env(tmp_path), capture_output=True, text=True, timeout=120)
+    old = tmp_path / "old-site" / "torch-2.9.1.dist-info"
+    old.mkdir(parents=True)
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.9.1\n")
+    env = base_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(old.parent), env.get("PYTHONPATH")]))
+    result = subprocess.run([PYTHON, "-m", "elastic_det.supervise", "--work-dir", str(standin.work), "--",
+                             *standin.command], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "torch 2.9.1 is installed" in result.stderr and "torch>=2.12" in result.stderr
     assert standin.runs() == []
+
+
+PREFLIGHT_PROBE = """import json, sys
+from elastic_det.supervise import Supervisor, parse_cli
+from elastic_det.supervise_checks import check_torch, committed_step, progress_store, resolve
+options, command = parse_cli(sys.argv[1:])
+check_torch()
+target = resolve(command, options.work_dir, options.preflight)
+print(json.dumps({"step": committed_step(progress_store(target.work_dir)),
+                  "loaded": sorted(m for m in ("torch", "torchvision", "aiohttp", "botocore") if m in sys.modules)}))
+"""
+
+
+def test_the_preflight_and_progress_check_import_neither_torch_nor_the_s3_stack(tmp_path):
+    """What the supervisor does before each torchrun start stays off torch's import (seconds, and on the
+    critical path of every relaunch): config, dataset indexes, work dir probe and the manifest listing."""
+    work_dir, cache = tmp_path / "work", tmp_path / "cache"
+    command = torchrun_cmd(1, ["--work-dir", str(work_dir), "--cfg-options", *fast_overrides(cache)])
+    result = subprocess.run([PYTHON, "-c", PREFLIGHT_PROBE, "--", *command], env=base_env(cache),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"step": 0, "loaded": []}
+    assert list(cache.glob("shapes-*/annotations/train.json"))  # the dataset was built (and so checked)
 
 
 def test_committed_step_reads_manifests_only(tmp_path):

@@ -23,10 +23,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
-import torch
 
 from ..errors import CheckpointError, StorageError, StorageUnavailableError, WorkDirOwnedError
 from ..storage import STORAGE_FAILURES, WorkDir, describe_error, storage_error
@@ -119,7 +118,7 @@ class CheckpointStore:
                     return existing
             data_name = f"state-{uuid.uuid4().hex[:8]}.pt"
             size, hash_alg, digest = self.work_dir.write_atomic_digest(
-                f"{rel}/{data_name}", lambda f: torch.save(state, f), HASH_ALG)
+                f"{rel}/{data_name}", lambda f: torch_save(state, f), HASH_ALG)
             manifest = Manifest(
                 step=step, data=data_name, size=size, hash_alg=hash_alg, digest=digest,
                 config_hash=str(meta.get("config_hash", "")), versions=dict(versions()),
@@ -366,7 +365,7 @@ class CheckpointStore:
         else:
             parent, name = _split(relpath_or_url)
             wd = self._open(parent)
-        wd.write_atomic(name, lambda f: torch.save(checkpoint.state["model"], f))
+        wd.write_atomic(name, lambda f: torch_save(checkpoint.state["model"], f))
 
     # ------------------------------------------------------------------------------------------------
     # Helpers
@@ -464,3 +463,11 @@ def _step_of(state: dict) -> int:
                 if isinstance(value, int) and not isinstance(value, bool):
                     return value
     return 0
+
+
+def torch_save(obj: Any, f: BinaryIO) -> None:
+    """``torch.save``, with torch imported by the first save: listing and checking manifests (the
+    supervisor's progress check between attempts) needs no torch, whose import takes seconds."""
+    import torch
+
+    torch.save(obj, f)

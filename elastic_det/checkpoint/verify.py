@@ -12,8 +12,6 @@ import pickle
 import re
 from typing import Any
 
-import torch
-
 from ..errors import StorageError, StorageUnavailableError
 from ..storage import WorkDir, describe_error
 from ..storage.hashing import CRC32_CHUNKED, CRC32_ZIP, CRC_CHUNK, SHA256, Digest, new_digest, parse_region_digest
@@ -98,6 +96,8 @@ def read_unverified(wd: WorkDir, relpath: str, map_location: Any, expected_size:
             source = io.BytesIO(blob)
     except (OSError, StorageError) as e:
         raise InvalidCheckpoint(f"cannot read {relpath}: {describe_error(e)}") from None
+    import torch  # here, not at the top: the supervisor lists manifests without importing torch
+
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,

@@ -6,16 +6,26 @@ The dataset contract that built-in and plug-in datasets fulfil is documented in
 (:class:`DataSource`: node-local image cache, :mod:`elastic_det.data.index`).
 """
 
-from .build import build_dataset
-from .coco import CocoDataset
-from .dataset import DetectionDataset, ImageRecord, load_image
-from .indexed import IndexedDataset
-from .loader import TrainSamples, build_train_loader, build_val_loader, detection_collate, sample_seed
-from .plan import ElasticBatchPlan, aspect_groups, split_micro, split_share
-from .shapes import ensure_shapes, generate_shapes
-from .source import DataSource
-from .transforms import build_transforms
-from .voc import VocDataset, voc_classes
+import importlib
+from typing import Any
+
+_HOMES = {
+    "build_dataset": "build", "CocoDataset": "coco", "DetectionDataset": "dataset", "ImageRecord": "dataset",
+    "load_image": "dataset", "IndexedDataset": "indexed", "TrainSamples": "loader",
+    "build_train_loader": "loader", "build_val_loader": "loader", "detection_collate": "loader",
+    "sample_seed": "loader", "ElasticBatchPlan": "plan", "aspect_groups": "plan", "split_micro": "plan",
+    "split_share": "plan", "ensure_shapes": "shapes", "generate_shapes": "shapes", "DataSource": "source",
+    "build_transforms": "transforms", "VocDataset": "voc", "voc_classes": "voc",
+}
+"""Where each name of the package lives. They are imported on first use (PEP 562) so that checking the
+data (``build_dataset``, the supervisor's pre-flight) does not import torch through the loaders."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
 
 __all__ = [
     "CocoDataset",

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from pycocotools.coco import COCO
-from torchvision import tv_tensors
 
-from .dataset import load_image, log_degenerate, make_coco
+from .dataset import load_image, log_degenerate, make_coco, make_target
 from .index import AnnotationIndex, clip_boxes
 from .remote import is_url, join
 from .source import DataSource
 
+if TYPE_CHECKING:
+    from torchvision import tv_tensors
+
 logger = logging.getLogger(__name__)
 
 
-class IndexedDataset(torch.utils.data.Dataset):
+class IndexedDataset:
     """The dataset contract (see :mod:`elastic_det.data.dataset`) over an annotation index.
 
     ``cat_label[j]`` is the label (1..K) of ``index.cat_id[j]``; ``category_ids[label - 1]`` the category
@@ -73,13 +75,7 @@ class IndexedDataset(torch.utils.data.Dataset):
         width, height = int(self.index.width[j]), int(self.index.height[j])
         boxes, labels, crowd = self._annotations(j)
         image = load_image(self.image_path(i), expected_size=(width, height), opener=self.files.open_image)
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes[~crowd].astype(np.float32)), format="XYXY",
-                                              canvas_size=(height, width)),
-            "labels": torch.from_numpy(labels[~crowd]),
-            "image_id": int(self.index.image_id[j]),
-        }
-        return image, target
+        return image, make_target(boxes[~crowd], labels[~crowd], int(self.index.image_id[j]), (height, width))
 
     def _annotations(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clipped XYXY boxes with some width and height, their labels and crowd flags, of image ``j``."""

@@ -18,17 +18,12 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 
 from ..errors import DataError, StorageUnavailableError
-from ..storage import describe_error, is_final, s3_options
-
-try:  # botocore comes with s3fs; its connection errors are not OSErrors
-    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
-except ImportError:  # pragma: no cover - s3fs is a hard dependency
-    BotoCoreError = NoCredentialsError = PartialCredentialsError = OSError
+from ..storage import describe_error, is_final, s3_options, storage_errors
 
 T = TypeVar("T")
 
 _LOCAL_PROTOCOLS = (None, "file", "local")
-_CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError)
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError")  # botocore's, by name (not imported)
 
 
 def is_url(path: str) -> bool:
@@ -126,7 +121,7 @@ class RemoteFiles:
     def _call(self, url: str, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except (OSError, BotoCoreError, ValueError) as e:
+        except (*storage_errors(), ValueError) as e:
             raise self.error(url, what, e) from e
 
     def error(self, url: str, what: str, error: BaseException) -> Exception:
@@ -139,7 +134,7 @@ class RemoteFiles:
         if isinstance(error, PermissionError):
             return DataError(f"Access denied to {url} ({cause}): check the credentials (AWS environment or "
                              f"data.storage_options) and the bucket's policy.")
-        if isinstance(error, _CREDENTIAL_ERRORS):
+        if any(cls.__name__ in _CREDENTIAL_ERRORS for cls in type(error).__mro__):
             return DataError(f"No credentials to read {url} ({cause}): set AWS_ACCESS_KEY_ID and "
                              f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a workload identity).")
         if isinstance(error, ValueError) or is_final(error):

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+from types import ModuleType
 
 from ..errors import StorageError, StorageUnavailableError
 
-try:  # botocore and aiohttp come with s3fs; their connection/credential errors are not OSErrors
-    from aiohttp import ClientError as AiohttpError
-    from botocore import exceptions as boto_errors
-except ImportError:  # pragma: no cover - s3fs is a hard dependency
-    AiohttpError = OSError
-    boto_errors = None
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What the storage libraries raise when storage fails (as opposed to a bug in the caller): OS errors,
+    and aiohttp's and botocore's own errors (s3fs's; not OSErrors) once those libraries are loaded.
+
+    Looked up in ``sys.modules`` rather than imported: neither library can raise before it is loaded, and
+    importing them costs ~0.2 s in every process that only touches local files (the supervisor).
+    """
+    errors: tuple[type[BaseException], ...] = (OSError,)
+    aiohttp_error = getattr(sys.modules.get("aiohttp"), "ClientError", None)
+    if aiohttp_error is not None:
+        errors += (aiohttp_error,)
+    boto = _boto_errors()
+    return errors + ((boto.BotoCoreError,) if boto is not None else ())
 
 
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (
-    (OSError, AiohttpError) + ((boto_errors.BotoCoreError,) if boto_errors else ()))
-"""What the storage libraries raise when storage fails (as opposed to a bug in the caller)."""
+def _boto_errors() -> ModuleType | None:
+    """botocore's exception module when botocore is loaded (what :func:`storage_errors` explains)."""
+    boto = sys.modules.get("botocore.exceptions")
+    return boto if hasattr(boto, "BotoCoreError") else None
 
 STORAGE_FAILURES = (StorageError, StorageUnavailableError)
 """What :class:`WorkDir` raises when storage fails: final or retryable."""
@@ -41,7 +52,8 @@ def is_final(error: BaseException) -> bool:
     """Whether a storage failure can never go away by retrying (see the module docstring)."""
     if isinstance(error, STORAGE_FAILURES):
         return isinstance(error, StorageError)
-    if boto_errors is not None and isinstance(error, boto_errors.BotoCoreError):
+    boto = _boto_errors()
+    if boto is not None and isinstance(error, boto.BotoCoreError):
         return any(cls.__name__ in _FINAL_BOTO for cls in type(error).__mro__)
     if isinstance(error, (TimeoutError, ConnectionError)):
         return False
@@ -51,8 +63,7 @@ def is_final(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in _FINAL_ERRNOS:
         return True
     cause = error.__cause__
-    if cause is not None and cause is not error and boto_errors is not None and \
-            isinstance(cause, boto_errors.BotoCoreError):
+    if cause is not None and cause is not error and boto is not None and isinstance(cause, boto.BotoCoreError):
         return is_final(cause)
     return False
 

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 import fsspec
 
 from ..errors import StorageError, StorageUnavailableError
-from .classify import STORAGE_ERRORS, STORAGE_FAILURES, cut_mid_body, describe_error, storage_error
+from .classify import STORAGE_FAILURES, cut_mid_body, describe_error, storage_error, storage_errors
 from .hashing import CRC32_CHUNKED, SHA256, HashingWriter, new_digest
 from .local import create_without_link, fsync_dir, makedirs_durable, unlink_quietly
 
@@ -126,7 +126,7 @@ class WorkDir:
             return self._write_remote(relpath, write_fn, hash_alg)
         except STORAGE_FAILURES:
             raise
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot write {self.path(relpath)}", e) from e
 
     def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
@@ -143,7 +143,7 @@ class WorkDir:
             if self.is_local:
                 return self._create_local(relpath, data)
             return self._create_remote(relpath, data)
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot create {self.path(relpath)}", e) from e
 
     def _local_temp(self, relpath: str) -> tuple[str, str, str]:
@@ -253,7 +253,7 @@ class WorkDir:
             self.fs.invalidate_cache(path)
             try:
                 return self.fs.cat_file(path)
-            except STORAGE_ERRORS as e:
+            except storage_errors() as e:
                 if not cut_mid_body(e):
                     raise
                 return self.fs.cat_file(path)
@@ -261,7 +261,7 @@ class WorkDir:
             raise
         except IsADirectoryError as e:
             raise FileNotFoundError(f"{self.path(relpath)} is a directory") from e
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot read {self.path(relpath)}", e) from e
 
     def size(self, relpath: str) -> int:
@@ -274,7 +274,7 @@ class WorkDir:
             info = self.fs.info(path)
         except FileNotFoundError:
             raise
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot stat {self.path(relpath)}", e) from e
         if info["type"] != "file":
             raise FileNotFoundError(f"{self.path(relpath)} is not a file")
@@ -287,7 +287,7 @@ class WorkDir:
         self.fs.invalidate_cache(path)
         try:
             return self.fs.exists(path)
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot look up {self.path(relpath)}", e) from e
 
     def listdir(self, relpath: str) -> list[str]:
@@ -300,7 +300,7 @@ class WorkDir:
             entries = self.fs.ls(path, detail=False, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot list {self.path(relpath)}", e) from e
         if [e.rstrip("/") for e in entries] == [path]:
             return []  # a file, not a directory
@@ -323,7 +323,7 @@ class WorkDir:
             found = self.fs.find(path)
         except FileNotFoundError:
             return []
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot list {self.path(relpath)}", e) from e
         prefix = path + "/"
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
@@ -346,7 +346,7 @@ class WorkDir:
             self.fs.rm(path, recursive=recursive)
         except FileNotFoundError:
             pass
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Cannot delete {self.path(relpath)}", e) from e
         finally:
             if not self.is_local:
@@ -376,7 +376,7 @@ class WorkDir:
         except STORAGE_FAILURES as e:
             cause = e.__cause__ if e.__cause__ is not None else e
             raise type(e)(f"Work dir {self.url} is not writable: {describe_error(cause)}") from cause
-        except STORAGE_ERRORS as e:
+        except storage_errors() as e:
             raise storage_error(f"Work dir {self.url} is not writable", e, self._explain(e)) from e
 
     def _probe_fs(self) -> fsspec.AbstractFileSystem:
@@ -464,6 +464,6 @@ def _discard(f: Any) -> None:
     """
     try:
         f.discard()
-    except STORAGE_ERRORS:  # the abort is best effort; an unfinished upload is invisible anyway
+    except storage_errors():  # the abort is best effort; an unfinished upload is invisible anyway
         pass
     f.closed = True
