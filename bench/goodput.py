@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import Procs, base_env, children, cmdline, read_jsonl, torchrun_cmd  # noqa: E402
+from helpers import Procs, base_env, children, is_torchrun, read_jsonl, torchrun_cmd  # noqa: E402
 
 from elastic_det.ledger import LAUNCH_TIME_ENV, LEDGER  # noqa: E402
 from elastic_det.report import BUCKETS, Report, build_report  # noqa: E402
@@ -104,7 +104,7 @@ def committed_since(work: Path, since: float) -> bool:
 def worker_ranks(launched: int) -> dict[int, int]:
     """RANK -> pid of the worker processes torchrun started (under the supervisor, its grandchildren; a
     warm worker's trainer, forked by the warm server, has the RANK too but is not torchrun's child)."""
-    agents = [launched] + [p for p in children(launched) if "torch.distributed.run" in cmdline(p)]
+    agents = [launched] + [p for p in children(launched) if is_torchrun(p)]
     out = {}
     for pid in (p for agent in agents for p in children(agent)):
         try:

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -64,6 +65,9 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         forked_children_die_with_parent()
     if world_size > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        if rank > 0:
+            wait_for_store(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+                           cfg.timeout_seconds)
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_seconds))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         log.warning(
@@ -73,6 +77,28 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         )
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return DistInfo(rank, world_size, local_rank, device, restarts)
+
+
+def wait_for_store(host: str, port: str, timeout: float) -> bool:
+    """Whether rank 0's store at ``host:port`` accepted a connection within ``timeout`` seconds.
+
+    torch's store client backs off up to ~0.5 s after a refused connection, so a rank that asks before rank 0
+    has opened the store (it was forked a moment earlier, or its node is faster) loses that on every restart.
+    A plain connection every 10 ms costs nothing. Nothing to wait for (False) when torchrun's agent hosts the
+    store (``TORCHELASTIC_USE_AGENT_STORE``) or no address is given; after ``timeout`` the process group's
+    own connection attempt reports the failure.
+    """
+    if not host or not port.isdigit() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return False
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
 
 
 def shutdown() -> None:

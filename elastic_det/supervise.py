@@ -283,7 +283,7 @@ class Supervisor:
         env = {**os.environ, **self.warm_env, exit_status.EXIT_DIR_ENV: exit_dir,
                LAUNCH_TIME_ENV: f"{launched:.3f}"}
         try:
-            proc = subprocess.Popen(self.command, env=env, start_new_session=True,
+            proc = subprocess.Popen(without_teardown(self.command), env=env, start_new_session=True,
                                     preexec_fn=warm_start.die_with_parent)
         except OSError as e:
             shutil.rmtree(exit_dir, ignore_errors=True)
@@ -392,6 +392,40 @@ def command_name(command: list[str]) -> str:
     if len(command) > 2 and command[1] == "-m":
         name += f" -m {command[2]}"
     return name
+
+
+def without_teardown(command: list[str]) -> list[str]:
+    """COMMAND with its torchrun run through :mod:`elastic_det.torchrun` (torchrun minus the ~0.5 s teardown
+    at its exit) when that torchrun is this interpreter's: ``torchrun`` whose script starts with this
+    Python, or this Python ``-m torch.distributed.run``. Any other command is returned unchanged."""
+    head = shutil.which(command[0]) if command else None
+    if head is None:
+        return command
+    if len(command) > 2 and command[1:3] == ["-m", "torch.distributed.run"] and _same_file(head, sys.executable):
+        return [sys.executable, "-m", "elastic_det.torchrun", *command[3:]]
+    if os.path.basename(head) == "torchrun" and _same_file(_script_interpreter(head), sys.executable):
+        return [sys.executable, "-m", "elastic_det.torchrun", *command[1:]]
+    return command
+
+
+def _script_interpreter(path: str) -> str:
+    """The interpreter named by the ``#!`` line of a console script ("" when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return ""
+    if not first.startswith(b"#!"):
+        return ""
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if len(words) == 1 else ""  # "/usr/bin/env python" and the like: not known for sure
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return bool(a and b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -83,7 +83,9 @@ if __name__ == "__main__":
     # Under the supervisor a warm server has torch and the trainer imported already: this process only
     # hands its place over to a child of that server (see warm_start.py) and runs the trainer itself
     # when there is none. Nothing above imports torch, so that the hand-over takes milliseconds.
-    from .warm_start import handoff
+    from .warm_start import handoff, import_modules
 
     handed = handoff("elastic_det.train:main", sys.argv[1:])
+    if handed is None:
+        import_modules()
     exit_now(main() if handed is None else handed)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -193,11 +194,30 @@ def _alive(pid: int) -> bool:
 # server
 
 
+def import_modules(names: tuple[str, ...] = PRELOAD) -> None:
+    """Import ``names`` with the cyclic garbage collector paused: importing torch, torchvision and the
+    trainer allocates ~600k objects, and the collections that triggers find next to nothing (the imports
+    took 2.2 instead of 2.9 s here). The collector runs again afterwards if it ran before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in names:
+            importlib.import_module(name)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> int:
     """Import ``preload``, then fork a child for every client until SIGTERM/SIGINT. The socket appears at
-    ``path`` only once the imports are done, so a client that can connect gets a warm child."""
-    for name in preload:
-        importlib.import_module(name)
+    ``path`` only once the imports are done, so a client that can connect gets a warm child.
+
+    The collector stays off in the server and what it imported is frozen (``gc.freeze``) before each fork,
+    Python's recipe for forking servers: the children's collections skip those objects instead of touching
+    (and so copying) every page that holds them, and each child turns its collector on.
+    """
+    gc.disable()
+    import_modules(preload)
     # Python >= 3.12 warns on every fork of a process with more than one thread; the other thread here is
     # one torch starts at import and that data-loader workers are forked beside as well.
     warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning)
@@ -254,6 +274,7 @@ def _accept(listener: socket.socket, clients: dict[int, socket.socket], closing:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()
     try:
         pid = os.fork()
     except OSError as e:  # out of memory or processes: this client starts the trainer itself
@@ -296,6 +317,7 @@ def _reap(clients: dict[int, socket.socket]) -> None:
 def _run_child(conn: socket.socket, fds: list[int], request: dict, inherited: list) -> None:
     """In the forked child: become the client's worker and never return into the server loop."""
     code = 1
+    gc.enable()
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):

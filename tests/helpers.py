@@ -134,6 +134,12 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def is_torchrun(pid: int) -> bool:
+    """A torchrun agent: ``torch.distributed.run``, or ``elastic_det.torchrun`` as the supervisor starts it."""
+    line = cmdline(pid)
+    return "torch.distributed.run" in line or "elastic_det.torchrun" in line
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie, or a PID gone from /proc, is not)."""
     try:

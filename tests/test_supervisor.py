@@ -37,6 +37,7 @@ from helpers import (
     events,
     fast_overrides,
     free_port,
+    is_torchrun,
     read_jsonl,
     torchrun_cmd,
     train_steps,
@@ -47,7 +48,7 @@ from elastic_det import exit_status
 from elastic_det.checkpoint.manifest import Manifest
 from elastic_det.errors import NO_PROGRESS_EXIT_CODE, PREEMPTED_EXIT_CODE
 from elastic_det.storage import WorkDir
-from elastic_det.supervise import Options, Supervisor, default_stop_timeout, parse_cli
+from elastic_det.supervise import Options, Supervisor, default_stop_timeout, parse_cli, without_teardown
 from elastic_det.supervise_checks import (
     TORCH_FLOOR,
     TORCHVISION_FLOOR,
@@ -532,8 +533,7 @@ class Node:
         """The processes torchrun started and, under warm start, the trainers the warm server forked for
         them (its children): a killed worker is either."""
         tree = self.tree()
-        clients = [p for p in tree[1:]
-                   if "elastic_det.train" in cmdline(p) and "torch.distributed.run" not in cmdline(p)]
+        clients = [p for p in tree[1:] if "elastic_det.train" in cmdline(p) and not is_torchrun(p)]
         servers = [p for p in children(self.proc.pid) if "elastic_det.warm_start" in cmdline(p)] if tree else []
         return clients + [p for server in servers for p in children(server) if alive(p)]
 
@@ -733,3 +733,39 @@ def test_the_supervisor_gives_up_when_no_attempt_can_commit(procs, tmp_path):
     assert f"giving up: 2 attempts in a row committed no new checkpoint to {work}" in text
     assert "attempt 2 ended" in text and "attempt 3" not in text
     assert "warning: cannot write the attempt log" in text  # the log lives in the lost bucket too
+
+
+def test_torchrun_of_this_interpreter_runs_without_its_teardown(tmp_path, monkeypatch):
+    ours, foreign = tmp_path / "ours" / "torchrun", tmp_path / "foreign" / "torchrun"
+    for script, shebang in ((ours, PYTHON), (foreign, "/usr/bin/env python3")):
+        script.parent.mkdir()
+        script.write_text(f"#!{shebang}\nimport sys\n")
+        script.chmod(0o755)
+    args = ["--nproc-per-node", "2", "-m", "elastic_det.train"]
+    wrapped = [PYTHON, "-m", "elastic_det.torchrun", *args]
+    assert without_teardown([str(ours), *args]) == wrapped
+    assert without_teardown([str(foreign), *args]) == [str(foreign), *args]
+    assert without_teardown([PYTHON, "-m", "torch.distributed.run", *args]) == wrapped
+    assert without_teardown(["/bin/sh", "-c", "torchrun"]) == ["/bin/sh", "-c", "torchrun"]
+    monkeypatch.setenv("PATH", str(ours.parent))
+    assert without_teardown(["torchrun", *args]) == wrapped
+
+
+WORKER = "import sys; print('worker ran', flush=True); sys.exit(int(sys.argv[1]))"
+
+
+@pytest.mark.parametrize("worker_exit", [0, 3])
+def test_elastic_det_torchrun_exits_as_torchrun_does(tmp_path, worker_exit):
+    """Same exit status and the same failure report as torch.distributed.run, for a worker that succeeds
+    and one that fails (torchrun raises ChildFailedError: exit 1 and its traceback)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    results = {}
+    for module in ("torch.distributed.run", "elastic_det.torchrun"):
+        cmd = [PYTHON, "-m", module, "--standalone", "--nproc-per-node=1", "--monitor-interval=0.1",
+               str(worker), str(worker_exit)]
+        results[module] = subprocess.run(cmd, env=base_env(tmp_path), capture_output=True, text=True, timeout=120)
+    plain, ours = results.values()
+    assert ours.returncode == plain.returncode == (0 if worker_exit == 0 else 1), ours.stderr
+    assert "worker ran" in ours.stdout
+    assert ("ChildFailedError" in ours.stderr) == ("ChildFailedError" in plain.stderr) == (worker_exit != 0)

@@ -59,6 +59,8 @@ def test_the_child_gets_the_clients_arguments_environment_directory_and_stdio(se
     assert got["argv"] == ["7", "--flag"] and got["cwd"] == str(tmp_path) and got["marker"] == "from the client"
     assert got["pid"] != proc.pid and got["sid"] == got["pid"]  # a forked child, in a session of its own
     assert got["torch_loaded"]  # imported by the server before the fork, not by the child
+    # the server's imports frozen out of the child's collections (gc.freeze), its collector on again
+    assert got["gc_enabled"] and got["gc_frozen"] > 100_000
     assert started - 1 <= got["start"] <= time.time()  # the client's start, not the fork's
     assert "to stderr" in err and "no warm server" not in err
 

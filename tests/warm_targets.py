@@ -11,12 +11,16 @@ from pathlib import Path
 
 
 def report(argv: list[str]) -> int:
-    """Print what the child got (arguments, environment, directory, start time), then exit argv[0]."""
+    """Print what the child got (arguments, environment, directory, start time, the garbage collector's
+    state), then exit argv[0]."""
+    import gc
+
     from elastic_det.warm_start import process_start_time
 
     print(json.dumps({"argv": argv, "cwd": os.getcwd(), "marker": os.environ.get("WARM_TEST_MARKER"),
                       "pid": os.getpid(), "sid": os.getsid(0), "start": process_start_time(),
-                      "torch_loaded": "torch" in sys.modules}), flush=True)
+                      "torch_loaded": "torch" in sys.modules, "gc_enabled": gc.isenabled(),
+                      "gc_frozen": gc.get_freeze_count()}), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     return int(argv[0])
 
