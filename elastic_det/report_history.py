@@ -152,7 +152,7 @@ def read_history(url: str, storage_options: dict | None = None) -> History:
         supervisor = []
         for name in work_dir.find(SUPERVISOR):
             if name.endswith(".jsonl"):
-                supervisor += parse_jsonl(_read(work_dir, f"{SUPERVISOR}/{name}") or b"")
+                supervisor += [{**r, "log": name} for r in parse_jsonl(_read(work_dir, f"{SUPERVISOR}/{name}") or b"")]
     except StorageError as e:
         raise StorageError(f"Cannot read the work dir {work_dir.url}: {e}") from None
     except OSError as e:
@@ -376,12 +376,20 @@ def run_rate(attempts: list[Attempt]) -> float | None:
 
 
 def _attach_supervisor(h: History) -> None:
-    """Exit codes from the supervisor's attempt log, onto the last attempt that started inside each."""
-    starts = {(r.get("host"), r.get("attempt")): r["time"] for r in h.supervisor if r.get("event") == "attempt_start"}
-    for r in h.supervisor:
+    """Exit codes from the supervisors' attempt logs, onto the last attempt that started inside each.
+
+    Attempts are numbered per supervisor: a relaunched supervisor on the same host starts at 1 again, so an
+    attempt is known by its log (``log``, one per supervisor process) as well as its number.
+    """
+    starts: dict[tuple, float] = {}
+    for r in h.supervisor:  # in time order: an attempt_end belongs to the latest start of its key
+        key = (r.get("log"), r.get("host"), r.get("attempt"))
+        if r.get("event") == "attempt_start":
+            starts[key] = r["time"]
+            continue
         if r.get("event") != "attempt_end":
             continue
-        began = starts.get((r.get("host"), r.get("attempt")), float("-inf"))
+        began = starts.get(key, float("-inf"))
         inside = [a for a in h.attempts if began <= a.start <= r["time"]]
         if inside and isinstance(r.get("exit_code"), int):
             inside[-1].exit_code = r["exit_code"]

@@ -198,6 +198,21 @@ def test_supervisor_attempt_log_adds_exit_codes_and_the_time_around_the_attempts
     assert d["buckets"]["waiting"] == pytest.approx(30.0) and d["buckets"]["good"] == pytest.approx(200.0)
 
 
+def test_relaunched_supervisors_on_one_host_each_match_their_own_attempt(tmp_path):
+    """A scheduler relaunch on the same host: every supervisor numbers its attempts from 1 in a log of its
+    own (host-pid), and each exit code lands on the attempt inside that supervisor's window."""
+    url = str(tmp_path / "run")
+    write_work_dir(url, KNOWN_LEDGER, KNOWN_METRICS, KNOWN_MANIFESTS)
+    windows = [(T - 2, T + 89, 143), (T + 94, T + 172, 1), (T + 178, T + 299, 0)]
+    for pid, (begin, end, code) in enumerate(windows, start=100):
+        sup = [{"event": "attempt_start", "attempt": 1, "time": begin, "committed_step": None, "host": "n"},
+               {"event": "attempt_end", "attempt": 1, "time": end, "exit_code": code, "host": "n"}]
+        WorkDir(url).write_bytes_atomic(f"supervisor/n-{pid}.jsonl", _jsonl(sup))
+    report = build_report(read_history(url))
+    assert [a["exit_code"] for a in report.to_dict()["attempts"]] == [143, 1, 0]
+    assert not [n for n in report.notes if "left no record" in n], report.notes
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A kill between a checkpoint's commit and its log lines
 
