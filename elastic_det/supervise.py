@@ -403,22 +403,23 @@ def without_teardown(command: list[str]) -> list[str]:
         return command
     if len(command) > 2 and command[1:3] == ["-m", "torch.distributed.run"] and _same_file(head, sys.executable):
         return [sys.executable, "-m", "elastic_det.torchrun", *command[3:]]
-    if os.path.basename(head) == "torchrun" and _same_file(_script_interpreter(head), sys.executable):
+    if os.path.basename(head) == "torchrun" and _is_torchrun_script(head):
         return [sys.executable, "-m", "elastic_det.torchrun", *command[1:]]
     return command
 
 
-def _script_interpreter(path: str) -> str:
-    """The interpreter named by the ``#!`` line of a console script ("" when there is none)."""
+def _is_torchrun_script(path: str) -> bool:
+    """Whether ``path`` is torchrun's console script for this interpreter: its ``#!`` line names this
+    Python (not ``/usr/bin/env python``: not known for sure) and it runs ``torch.distributed.run``'s main."""
     try:
         with open(path, "rb") as f:
-            first = f.readline(4096)
+            head = f.read(4096)
     except OSError:
-        return ""
-    if not first.startswith(b"#!"):
-        return ""
-    words = first[2:].decode(errors="replace").split()
-    return words[0] if len(words) == 1 else ""  # "/usr/bin/env python" and the like: not known for sure
+        return False
+    first, _, body = head.partition(b"\n")
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    return (len(words) == 1 and _same_file(words[0], sys.executable)
+            and b"from torch.distributed.run import main" in body)
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -736,15 +736,21 @@ def test_the_supervisor_gives_up_when_no_attempt_can_commit(procs, tmp_path):
 
 
 def test_torchrun_of_this_interpreter_runs_without_its_teardown(tmp_path, monkeypatch):
-    ours, foreign = tmp_path / "ours" / "torchrun", tmp_path / "foreign" / "torchrun"
-    for script, shebang in ((ours, PYTHON), (foreign, "/usr/bin/env python3")):
-        script.parent.mkdir()
-        script.write_text(f"#!{shebang}\nimport sys\n")
-        script.chmod(0o755)
+    """Only torchrun's own console script for this Python is replaced; a stand-in or another Python's is
+    run as given."""
+    entry = "import sys\nfrom torch.distributed.run import main\nsys.exit(main())\n"
+    scripts = {"ours": f"#!{PYTHON}\n{entry}", "foreign": f"#!/usr/bin/env python3\n{entry}",
+               "standin": f"#!{PYTHON}\nimport sys\nprint(sys.argv)\n"}
+    for name, text in scripts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "torchrun").write_text(text)
+        (tmp_path / name / "torchrun").chmod(0o755)
+    ours, foreign, standin = (tmp_path / name / "torchrun" for name in scripts)
     args = ["--nproc-per-node", "2", "-m", "elastic_det.train"]
     wrapped = [PYTHON, "-m", "elastic_det.torchrun", *args]
     assert without_teardown([str(ours), *args]) == wrapped
     assert without_teardown([str(foreign), *args]) == [str(foreign), *args]
+    assert without_teardown([str(standin), *args]) == [str(standin), *args]
     assert without_teardown([PYTHON, "-m", "torch.distributed.run", *args]) == wrapped
     assert without_teardown(["/bin/sh", "-c", "torchrun"]) == ["/bin/sh", "-c", "torchrun"]
     monkeypatch.setenv("PATH", str(ours.parent))
