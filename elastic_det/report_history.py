@@ -390,7 +390,8 @@ def _attach_supervisor(h: History) -> None:
         if r.get("event") != "attempt_end":
             continue
         began = starts.get(key, float("-inf"))
-        inside = [a for a in h.attempts if began <= a.start <= r["time"]]
+        # the attempt's own processes started inside (its start may be the launcher's, before the supervisor)
+        inside = [a for a in h.attempts if began <= a.marks.get("process_start", a.start) <= r["time"]]
         if inside and isinstance(r.get("exit_code"), int):
             inside[-1].exit_code = r["exit_code"]
         elif not inside:

@@ -200,10 +200,11 @@ def test_supervisor_attempt_log_adds_exit_codes_and_the_time_around_the_attempts
 
 def test_relaunched_supervisors_on_one_host_each_match_their_own_attempt(tmp_path):
     """A scheduler relaunch on the same host: every supervisor numbers its attempts from 1 in a log of its
-    own (host-pid), and each exit code lands on the attempt inside that supervisor's window."""
+    own (host-pid), and each exit code lands on the attempt whose processes started inside that
+    supervisor's window (attempt 1's launcher started at +95, before its supervisor at +96)."""
     url = str(tmp_path / "run")
     write_work_dir(url, KNOWN_LEDGER, KNOWN_METRICS, KNOWN_MANIFESTS)
-    windows = [(T - 2, T + 89, 143), (T + 94, T + 172, 1), (T + 178, T + 299, 0)]
+    windows = [(T - 2, T + 89, 143), (T + 96, T + 172, 1), (T + 178, T + 299, 0)]
     for pid, (begin, end, code) in enumerate(windows, start=100):
         sup = [{"event": "attempt_start", "attempt": 1, "time": begin, "committed_step": None, "host": "n"},
                {"event": "attempt_end", "attempt": 1, "time": end, "exit_code": code, "host": "n"}]
