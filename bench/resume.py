@@ -223,7 +223,8 @@ def wait_until(condition, timeout: float = 300.0, what: str = "progress", interv
 
 class Cluster:
     """torchrun with 2 workers running the probe, in its own session; killed by PID at the end. With
-    ``warm``, each launch first starts a warm server (as the supervisor does on every node it runs on)."""
+    ``warm``, each launch first starts a warm server and runs torchrun as ``elastic_det.torchrun`` (as the
+    supervisor does on every node it runs on, where the checkout has them)."""
 
     def __init__(self, root: Path, tree: Path, cache: Path, options: list[str], max_restarts: int,
                  warm: bool = False) -> None:
@@ -241,6 +242,8 @@ class Cluster:
         cmd[monitor] = "--monitor-interval=0.1"  # torchrun's default, which the launchers keep
         module = cmd.index("-m", monitor)
         self.cmd = [*cmd[:module], str(Path(__file__).resolve()), "--probe", *cmd[module + 2:]]
+        if warm and (tree / "elastic_det" / "torchrun.py").exists():  # torchrun as the supervisor runs it
+            self.cmd[self.cmd.index("torch.distributed.run")] = "elastic_det.torchrun"
         self.agents: list[subprocess.Popen] = []
         self.seen: set[int] = set()
 
