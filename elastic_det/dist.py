@@ -69,7 +69,7 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
             wait_for_store(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
                            cfg.timeout_seconds)
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_seconds))
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+    if _agent_hosts_store():
         log.warning(
             "TORCHELASTIC_USE_AGENT_STORE=True: workers share the agent's rendezvous store, which makes "
             "restarts hang on this torch. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of "
@@ -88,7 +88,7 @@ def wait_for_store(host: str, port: str, timeout: float) -> bool:
     store (``TORCHELASTIC_USE_AGENT_STORE``) or no address is given; after ``timeout`` the process group's
     own connection attempt reports the failure.
     """
-    if not host or not port.isdigit() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+    if not host or not port.isdigit() or _agent_hosts_store():
         return False
     deadline = time.monotonic() + timeout
     while True:
@@ -99,6 +99,10 @@ def wait_for_store(host: str, port: str, timeout: float) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
+
+
+def _agent_hosts_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
 
 
 def shutdown() -> None:

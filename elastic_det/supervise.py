@@ -54,6 +54,7 @@ from .errors import (
 from .ledger import LAUNCH_TIME_ENV
 from .storage import WorkDir
 from .supervise_checks import Target, check_torch, committed_step, progress_store, resolve, work_dir_hint
+from .torchrun import without_teardown
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 FORWARD_AS = {signal.SIGUSR1: signal.SIGUSR1, signal.SIGUSR2: signal.SIGUSR2}  # the rest go on as SIGTERM
@@ -394,41 +395,6 @@ def command_name(command: list[str]) -> str:
     return name
 
 
-def without_teardown(command: list[str]) -> list[str]:
-    """COMMAND with its torchrun run through :mod:`elastic_det.torchrun` (torchrun minus the ~0.5 s teardown
-    at its exit) when that torchrun is this interpreter's: ``torchrun`` whose script starts with this
-    Python, or this Python ``-m torch.distributed.run``. Any other command is returned unchanged."""
-    head = shutil.which(command[0]) if command else None
-    if head is None:
-        return command
-    if len(command) > 2 and command[1:3] == ["-m", "torch.distributed.run"] and _same_file(head, sys.executable):
-        return [sys.executable, "-m", "elastic_det.torchrun", *command[3:]]
-    if os.path.basename(head) == "torchrun" and _is_torchrun_script(head):
-        return [sys.executable, "-m", "elastic_det.torchrun", *command[1:]]
-    return command
-
-
-def _is_torchrun_script(path: str) -> bool:
-    """Whether ``path`` is torchrun's console script for this interpreter: its ``#!`` line names this
-    Python (not ``/usr/bin/env python``: not known for sure) and it runs ``torch.distributed.run``'s main."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    first, _, body = head.partition(b"\n")
-    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
-    return (len(words) == 1 and _same_file(words[0], sys.executable)
-            and b"from torch.distributed.run import main" in body)
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return bool(a and b) and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -452,9 +418,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # No interpreter teardown: the pre-flight imported torch, whose teardown took ~1 s here, and a
-    # scheduler relaunches only once this process is gone. Every file is closed and every child waited for.
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    # a scheduler relaunches only once this process is gone; every file is closed and every child waited for
+    exit_status.exit_now(main())

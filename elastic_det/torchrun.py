@@ -4,7 +4,7 @@ interpreter's teardown once it is done.
 A scheduler relaunches a preempted job only when every process of it is gone, and the supervisor starts
 its next attempt only when torchrun has exited; torchrun's own exit spent ~0.5 s here tearing down the torch
 it imported. The supervisor runs its command's torchrun through this module when that torchrun belongs to
-this interpreter (see :func:`elastic_det.supervise.without_teardown`): same code, arguments, output and exit
+this interpreter (:func:`without_teardown`): same code, arguments, output and exit
 status (0, ``SystemExit``'s code, 1 with the traceback printed for an exception such as torchrun's
 ``SignalException``), then ``atexit`` handlers, flushed streams and ``os._exit``.
 """
@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import sys
 import traceback
 
+from .exit_status import exit_now
 from .warm_start import import_modules
 
 
@@ -40,15 +42,42 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def exit_now(code: int) -> None:
-    atexit._run_exitfuncs()  # logging's flush, torch's own handlers: what the teardown would have run first
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code)
+def without_teardown(command: list[str]) -> list[str]:
+    """COMMAND with its torchrun run through :mod:`elastic_det.torchrun` (torchrun minus the ~0.5 s teardown
+    at its exit) when that torchrun is this interpreter's: ``torchrun`` whose script starts with this
+    Python, or this Python ``-m torch.distributed.run``. Any other command is returned unchanged."""
+    head = shutil.which(command[0]) if command else None
+    if head is None:
+        return command
+    if len(command) > 2 and command[1:3] == ["-m", "torch.distributed.run"] and _same_file(head, sys.executable):
+        return [sys.executable, "-m", "elastic_det.torchrun", *command[3:]]
+    if os.path.basename(head) == "torchrun" and _is_torchrun_script(head):
+        return [sys.executable, "-m", "elastic_det.torchrun", *command[1:]]
+    return command
+
+
+def _is_torchrun_script(path: str) -> bool:
+    """Whether ``path`` is torchrun's console script for this interpreter: its ``#!`` line names this
+    Python (not ``/usr/bin/env python``: not known for sure) and it runs ``torch.distributed.run``'s main."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    first, _, body = head.partition(b"\n")
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    return (len(words) == 1 and _same_file(words[0], sys.executable)
+            and b"from torch.distributed.run import main" in body)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return bool(a and b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
-    exit_now(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    atexit._run_exitfuncs()  # logging's flush, torch's own handlers: what the teardown would have run first
+    exit_now(code)

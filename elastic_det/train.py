@@ -8,7 +8,6 @@ Runs as one process or under torchrun (any ``--nnodes`` / ``--nproc-per-node``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import exit_status
@@ -70,13 +69,9 @@ def _main(argv: list[str] | None) -> int:
     return PREEMPTED_EXIT_CODE if preempted else 0
 
 
-def exit_now(code: int) -> None:
-    """Exit without the interpreter's teardown. By the time ``main`` returns every file is closed, the
-    process group destroyed and the loader's workers stopped; tearing down torch's modules and libraries
-    still took about a second here (4 s on a loaded machine), and torchrun waits for it before a restart."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+exit_now = exit_status.exit_now
+"""How this module ends (``python -m``): by the time ``main`` returns every file is closed, the process
+group destroyed and the loader's workers stopped."""
 
 
 if __name__ == "__main__":

@@ -447,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    for stream in (sys.stdout, sys.stderr):  # then no teardown of torch (~1 s): the supervisor waits for it
-        stream.flush()
-    os._exit(code)
+    from .exit_status import exit_now
+
+    exit_now(main())  # the supervisor waits for this process before it exits

@@ -48,7 +48,7 @@ from elastic_det import exit_status
 from elastic_det.checkpoint.manifest import Manifest
 from elastic_det.errors import NO_PROGRESS_EXIT_CODE, PREEMPTED_EXIT_CODE
 from elastic_det.storage import WorkDir
-from elastic_det.supervise import Options, Supervisor, default_stop_timeout, parse_cli, without_teardown
+from elastic_det.supervise import Options, Supervisor, default_stop_timeout, parse_cli
 from elastic_det.supervise_checks import (
     TORCH_FLOOR,
     TORCHVISION_FLOOR,
@@ -58,6 +58,7 @@ from elastic_det.supervise_checks import (
     find_train_args,
     progress_store,
 )
+from elastic_det.torchrun import without_teardown
 
 ELASTIC_RUN = REPO / "launch" / "elastic_run.sh"
 

@@ -19,11 +19,11 @@ import fsspec
 
 from ..errors import DataError, StorageUnavailableError
 from ..storage import describe_error, is_final, s3_options, storage_errors
+from ..storage.classify import lacks_credentials
 
 T = TypeVar("T")
 
 _LOCAL_PROTOCOLS = (None, "file", "local")
-_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError")  # botocore's, by name (not imported)
 
 
 def is_url(path: str) -> bool:
@@ -134,7 +134,7 @@ class RemoteFiles:
         if isinstance(error, PermissionError):
             return DataError(f"Access denied to {url} ({cause}): check the credentials (AWS environment or "
                              f"data.storage_options) and the bucket's policy.")
-        if any(cls.__name__ in _CREDENTIAL_ERRORS for cls in type(error).__mro__):
+        if lacks_credentials(error):
             return DataError(f"No credentials to read {url} ({cause}): set AWS_ACCESS_KEY_ID and "
                              f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a workload identity).")
         if isinstance(error, ValueError) or is_final(error):

@@ -35,6 +35,7 @@ def _boto_errors() -> ModuleType | None:
     boto = sys.modules.get("botocore.exceptions")
     return boto if hasattr(boto, "BotoCoreError") else None
 
+
 STORAGE_FAILURES = (StorageError, StorageUnavailableError)
 """What :class:`WorkDir` raises when storage fails: final or retryable."""
 
@@ -47,6 +48,8 @@ _FINAL_BOTO = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetri
                "InvalidEndpointConfigurationError", "InvalidS3AddressingStyleError", "UnknownSignatureVersionError",
                "InvalidConfigError", "UnknownEndpointError")
 """botocore errors that mean "this configuration can never work" (the others are network trouble)."""
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+
 
 def is_final(error: BaseException) -> bool:
     """Whether a storage failure can never go away by retrying (see the module docstring)."""
@@ -54,7 +57,7 @@ def is_final(error: BaseException) -> bool:
         return isinstance(error, StorageError)
     boto = _boto_errors()
     if boto is not None and isinstance(error, boto.BotoCoreError):
-        return any(cls.__name__ in _FINAL_BOTO for cls in type(error).__mro__)
+        return _is_one_of(error, _FINAL_BOTO)
     if isinstance(error, (TimeoutError, ConnectionError)):
         return False
     if isinstance(error, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
@@ -66,6 +69,17 @@ def is_final(error: BaseException) -> bool:
     if cause is not None and cause is not error and boto is not None and isinstance(cause, boto.BotoCoreError):
         return is_final(cause)
     return False
+
+
+def lacks_credentials(error: BaseException) -> bool:
+    """Whether botocore found no (or partial) credentials for the request."""
+    return _is_one_of(error, _NO_CREDENTIALS)
+
+
+def _is_one_of(error: BaseException, class_names: tuple[str, ...]) -> bool:
+    """Whether ``error`` is an instance of a class of one of these names (botocore's, matched without
+    importing botocore)."""
+    return any(cls.__name__ in class_names for cls in type(error).__mro__)
 
 
 def cut_mid_body(error: BaseException) -> bool:
