@@ -363,3 +363,20 @@ def test_a_voc_set_in_the_store_equals_its_local_copy(s3_bucket, tmp_path):
     assert remote.coco_gt().dataset["annotations"] == reference.coco_gt().dataset["annotations"]
     with pytest.raises(DataError, match=r"VOC split file not found: .*/val.txt \(splits found: train\)"):
         build_dataset(DataConfig(type="voc", root=url, val_split="val", classes=["RBC"]), "val")
+
+
+def test_remote_read_errors_are_sorted_by_botocore_class():
+    """No credentials is final and says which variables to set; a botocore connection error is an outage;
+    both are caught as storage errors (botocore is loaded here, as s3fs loads it)."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from elastic_det.errors import DataError, StorageUnavailableError
+    from elastic_det.storage import storage_errors
+
+    files = RemoteFiles({"endpoint_url": "http://127.0.0.1:9"})
+    assert any(issubclass(NoCredentialsError, c) for c in storage_errors())
+    missing = files.error("s3://bucket/train.json", "Annotation file", NoCredentialsError())
+    assert isinstance(missing, DataError) and "AWS_ACCESS_KEY_ID" in str(missing)
+    down = files.error("s3://bucket/train.json", "Annotation file",
+                       EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
+    assert isinstance(down, StorageUnavailableError) and "127.0.0.1:9" in str(down)
