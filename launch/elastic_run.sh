@@ -14,8 +14,7 @@
 #        PET_RDZV_CONF=last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3
 #                                   recover from a lost worker in ~5 s and a lost node in ~7 s, not 30-45 s
 #      (--signals-to-handle needs torch >= 2.10, --shutdown-timeout torch >= 2.12: the supervisor checks);
-#   3. execs `python -m elastic_det.supervise -- TORCHRUN...` (see elastic_det/supervise.py and the README,
-#      "Supervisor"), which
+#   3. execs `python -m elastic_det.supervise -- TORCHRUN...` (see docs/elastic.md, "Supervisor"), which
 #        - checks the config, the data and the work dir before torchrun ever starts (bad input: exit 2);
 #        - runs torchrun in its own process group, and starts it again while the newest committed
 #          checkpoint step advances; after MAX_STALLED_ATTEMPTS attempts in a row without a new checkpoint
