@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from s3 import MotoServer, s3_env  # noqa: E402
 
-from elastic_det.config import DataConfig, TransformConfig  # noqa: E402
+from elastic_det.config.schema import DataConfig, TransformConfig  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Loader throughput

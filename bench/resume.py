@@ -58,14 +58,14 @@ POLL = 0.005
 
 # (mark, "module:attribute") whose first return is recorded by the probe; names the engine may lose are skipped
 PROBED = [
-    ("dist", "elastic_det.dist:init_distributed"),
-    ("data", "elastic_det.trainer:build_dataset"),
-    ("model", "elastic_det.trainer:build_model"),
-    ("checkpoint_found", "elastic_det.trainer:_find_checkpoint"),
-    ("checkpoint_found", "elastic_det.state:find_checkpoint"),
-    ("restore", "elastic_det.trainer:_restore"),
-    ("restore", "elastic_det.state:restore"),
-    ("first_compute", "elastic_det.runner.runner:Runner.run_step"),
+    ("dist", "elastic_det.engine.dist:init_distributed"),
+    ("data", "elastic_det.engine.trainer:build_dataset"),
+    ("model", "elastic_det.engine.trainer:build_model"),
+    ("checkpoint_found", "elastic_det.engine.trainer:_find_checkpoint"),
+    ("checkpoint_found", "elastic_det.engine.state:find_checkpoint"),
+    ("restore", "elastic_det.engine.trainer:_restore"),
+    ("restore", "elastic_det.engine.state:restore"),
+    ("first_compute", "elastic_det.engine.runner:Runner.run_step"),
 ]
 
 
@@ -80,7 +80,7 @@ def probe_main(argv: list[str]) -> int:
     os.environ[PROBE_PID_ENV] = str(os.getpid())
     _probe_mark("interpreter", started)
     try:
-        from elastic_det.warm_start import handoff
+        from elastic_det.launch.warm_client import handoff
     except ImportError:  # a --baseline tree from before warm start
         return probe_child(argv)
     code = handoff("resume:probe_child", argv, extra_path=str(Path(__file__).resolve().parent))
@@ -105,7 +105,7 @@ def probe_child(argv: list[str]) -> int:
     import elastic_det.train as entry
 
     try:
-        importlib.import_module("elastic_det.trainer")
+        importlib.import_module("elastic_det.engine.trainer")
     except ImportError:
         pass
     mark("imports")
@@ -252,7 +252,7 @@ class Cluster:
         env = self.env
         if self.warm:
             self.stop_servers()
-            from elastic_det.warm_start import start_server
+            from elastic_det.launch.warm_server import start_server
 
             server_dir = self.root / f"warm-{len(self.agents)}"
             server_dir.mkdir()

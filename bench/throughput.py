@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from elastic_det.config import load_config
+from elastic_det.config.schema import load_config
 from elastic_det.data.build import build_dataset
 from elastic_det.data.loader import TrainSamples, detection_collate
 from elastic_det.data.transforms import build_transforms
+from elastic_det.engine.optim import build_optimizer
+from elastic_det.engine.runner import name_losses
+from elastic_det.engine.trainer import train
 from elastic_det.models.build import build_model
-from elastic_det.runner.optim import build_optimizer
-from elastic_det.runner.runner import name_losses
-from elastic_det.trainer import train
 
 
 def overrides(steps: int, work_dir: str) -> list[str]:

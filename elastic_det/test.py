@@ -26,17 +26,17 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 
-from . import dist
-from .config import Config, load_config
+from .config.schema import Config, load_config
 from .data.build import build_dataset
 from .data.loader import build_val_loader
 from .data.transforms import build_transforms
+from .engine import dist
+from .engine.run_files import setup_text_logging
+from .engine.state import load_weights
 from .errors import ElasticDetError, StorageError
 from .evaluation.coco_eval import CocoReport, format_table, run_cocoeval
 from .evaluation.inference import predict
 from .models.build import build_model
-from .run_files import setup_text_logging
-from .state import load_weights
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import exit_status
 from .errors import PREEMPTED_EXIT_CODE, ElasticDetError
+from .launch import exit_status
+from .process import exit_now  # how this module ends: by then every file is closed, the workers stopped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .config import load_config
+    from .config.schema import load_config
 
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides_from_args(args))
         if args.amp:
-            from .amp import default_mode
+            from .engine.amp import default_mode
 
             cfg.train.amp = default_mode()
-        from .trainer import train
+        from .engine.trainer import train
 
         preempted = train(cfg, resume=args.resume)
     except ElasticDetError as e:
@@ -69,18 +70,14 @@ def _main(argv: list[str] | None) -> int:
     return PREEMPTED_EXIT_CODE if preempted else 0
 
 
-exit_now = exit_status.exit_now
-"""How this module ends (``python -m``): by the time ``main`` returns every file is closed, the process
-group destroyed and the loader's workers stopped."""
-
-
 if __name__ == "__main__":
     # Under the supervisor a warm server has torch and the trainer imported already: this process only
-    # hands its place over to a child of that server (see warm_start.py) and runs the trainer itself
+    # hands its place over to a child of that server (launch/warm_client.py) and runs the trainer itself
     # when there is none. Nothing above imports torch, so that the hand-over takes milliseconds.
-    from .warm_start import handoff, import_modules
+    from .launch.warm_client import handoff
+    from .process import import_modules
 
     handed = handoff("elastic_det.train:main", sys.argv[1:])
     if handed is None:
-        import_modules()
+        import_modules(("torch", "torchvision", "elastic_det.engine.trainer"))
     exit_now(main() if handed is None else handed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic_det.config import Config, config_hash, diff, load_config, to_dict, to_yaml
+from elastic_det.config.schema import Config, config_hash, diff, load_config, to_dict, to_yaml
 from elastic_det.errors import ConfigError
 
 

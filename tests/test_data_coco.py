@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from elastic_det.config import DataConfig
+from elastic_det.config.schema import DataConfig
 from elastic_det.data import CocoDataset, build_dataset
 from elastic_det.data.source import DataSource
 from elastic_det.errors import DataError

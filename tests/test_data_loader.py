@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from elastic_det.config import TransformConfig
+from elastic_det.config.schema import TransformConfig
 from elastic_det.data import (
     CocoDataset,
     ElasticBatchPlan,
@@ -115,7 +115,7 @@ def test_workers_survive_preemption_signals_from_others(shapes_root):
 def test_exit_does_not_hang_while_an_iterator_is_still_referenced(shapes_root):
     # multiprocessing stops leftover workers with SIGTERM at exit: they must still obey their parent.
     script = textwrap.dedent(f"""
-        from elastic_det.config import TransformConfig
+        from elastic_det.config.schema import TransformConfig
         from elastic_det.data import CocoDataset, TrainSamples, build_train_loader, build_transforms
         ds = CocoDataset({str(shapes_root / "train")!r}, {str(shapes_root / "annotations" / "train.json")!r})
         samples = TrainSamples(ds, build_transforms(TransformConfig(), train=True), seed=0)

@@ -21,7 +21,7 @@ from helpers import FAST, PYTHON, REPO, base_env, read_jsonl, torchrun_cmd, wait
 from PIL import Image
 from s3 import MotoServer, free_port, s3_env
 
-from elastic_det.config import DataConfig, TransformConfig
+from elastic_det.config.schema import DataConfig, TransformConfig
 from elastic_det.data import CocoDataset, build_dataset, build_train_loader, build_transforms, generate_shapes
 from elastic_det.data.cache import ImageCache
 from elastic_det.data.loader import TrainSamples

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from elastic_det.config import ShapesConfig
+from elastic_det.config.schema import ShapesConfig
 from elastic_det.data import CocoDataset, ensure_shapes, generate_shapes
 from elastic_det.data import shapes as shapes_module
 from elastic_det.data.shapes import render_image

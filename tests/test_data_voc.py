@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elastic_det.config import DataConfig
+from elastic_det.config.schema import DataConfig
 from elastic_det.data import VocDataset, build_dataset
 from elastic_det.errors import DataError
 
@@ -17,7 +17,7 @@ BCCD = str(Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / 
 @pytest.fixture(autouse=True, scope="module")
 def bccd_present():
     assert os.path.isdir(BCCD), (f"The BCCD dataset is missing: expected it at {BCCD} (../shared/datasets/BCCD "
-                                 f"relative to the repository; see README, Data).")
+                                 f"relative to the repository; see docs/data.md).")
 
 
 def split_ids(split):

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from elastic_det.dist import wait_for_store
+from elastic_det.engine.dist import wait_for_store
 
 
 def _free_port() -> int:

@@ -457,9 +457,9 @@ def test_epoch_hooks_follow_the_sample_cursor_after_a_batch_size_change():
     import torch
     from torch import nn
 
-    from elastic_det.dist import DistInfo
-    from elastic_det.runner.hook import Hook
-    from elastic_det.runner.runner import Runner
+    from elastic_det.engine.dist import DistInfo
+    from elastic_det.engine.hook import Hook
+    from elastic_det.engine.runner import Runner
 
     calls = []
 

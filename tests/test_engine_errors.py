@@ -16,7 +16,7 @@ import torch
 from helpers import base_env, events, fast_overrides, free_port, run_train, start, stop, torchrun_cmd
 
 from elastic_det.checkpoint.store import CheckpointStore
-from elastic_det.config import ConfigError, load_config
+from elastic_det.config.schema import ConfigError, load_config
 from elastic_det.errors import (
     INFRASTRUCTURE_EXIT_CODE,
     USER_ERROR_EXIT_CODE,

@@ -330,8 +330,8 @@ def test_cli_end_to_end_after_training(tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     config = str(work / "config.yaml")
 
-    # The trainer's own metrics.jsonl through elastic_det.plot.
-    from elastic_det import plot
+    # The trainer's own metrics.jsonl through elastic_det.goodput.curve.
+    from elastic_det.goodput import curve as plot
 
     series = plot.extract_series(plot.read_metrics(str(work / "metrics.jsonl")))
     assert series.train_steps == [1, 2, 3, 4, 5] and series.steps_of("checkpoint") == [5]

@@ -10,8 +10,7 @@ import re
 import pytest
 from helpers import base_env, fast_overrides, run_train
 
-from elastic_det.errors import USER_ERROR_EXIT_CODE, ConfigError
-from elastic_det.grace import (
+from elastic_det.engine.grace import (
     GRACE_ENV,
     TORCHRUN_ENV,
     Grace,
@@ -21,6 +20,7 @@ from elastic_det.grace import (
     shortfall,
     start_figures,
 )
+from elastic_det.errors import USER_ERROR_EXIT_CODE, ConfigError
 
 
 def test_grace_from_env_takes_the_smaller_of_the_launchers_figures():
@@ -89,7 +89,7 @@ def test_start_figures_come_from_the_run_or_from_the_state_size(tmp_path):
 
 
 def test_monitor_warns_at_start_and_after_slow_saves_without_repeating_itself(caplog):
-    caplog.set_level(logging.WARNING, logger="elastic_det.grace")
+    caplog.set_level(logging.WARNING, logger="elastic_det.engine.grace")
     monitor = GraceMonitor(Grace(10.0, TORCHRUN_ENV))
     assert monitor.at_start(3.0, 1.0, "recent checkpoints took up to") is None
     assert "(10.50 s in all)" in monitor.at_start(9.5, 1.0, "recent checkpoints took up to")

@@ -12,19 +12,19 @@ import pytest
 import torch
 
 from elastic_det.checkpoint.store import CheckpointStore
-from elastic_det.config import CheckpointConfig
+from elastic_det.config.schema import CheckpointConfig
 from elastic_det.data.plan import ElasticBatchPlan, Progress, StepSchedule, split_share
-from elastic_det.dist import DistInfo
+from elastic_det.engine.dist import DistInfo
+from elastic_det.engine.hook import EvalRecord, Hook, StepRecord
+from elastic_det.engine.hooks.checkpoint import CheckpointHook
+from elastic_det.engine.hooks.evaluation import EvalHook
+from elastic_det.engine.hooks.logger import LoggerHook
+from elastic_det.engine.hooks.trace import TraceHook, next_attempt_path
+from elastic_det.engine.preemption import PreemptionFlag
+from elastic_det.engine.run_files import MetricsLog, RunFiles
+from elastic_det.engine.runner import Runner
+from elastic_det.engine.state import TrainingParts
 from elastic_det.errors import StorageError, StorageUnavailableError, WorkDirOwnedError
-from elastic_det.preemption import PreemptionFlag
-from elastic_det.run_files import MetricsLog, RunFiles
-from elastic_det.runner.checkpoint_hook import CheckpointHook
-from elastic_det.runner.eval_hook import EvalHook
-from elastic_det.runner.hook import EvalRecord, Hook, StepRecord
-from elastic_det.runner.logging_hooks import LoggerHook
-from elastic_det.runner.runner import Runner
-from elastic_det.runner.trace_hook import TraceHook, next_attempt_path
-from elastic_det.state import TrainingParts
 from elastic_det.storage import WorkDir
 
 WORLD_1 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), restart_count=0)

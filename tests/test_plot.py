@@ -1,10 +1,10 @@
-"""elastic_det.plot: the series and markers read from metrics.jsonl, and the CLI end to end."""
+"""elastic_det.goodput.curve: the series and markers read from metrics.jsonl, and the CLI end to end."""
 
 from __future__ import annotations
 
 import json
 
-from elastic_det.plot import Marker, extract_series, main, read_metrics
+from elastic_det.goodput.curve import Marker, extract_series, main, read_metrics
 
 
 def _train(step: int, loss: float, world_size: int) -> dict:

@@ -15,10 +15,10 @@ import re
 import pytest
 from PIL import Image
 
-from elastic_det.ledger import LEDGER, Ledger
-from elastic_det.report import build_report, main
-from elastic_det.report_history import read_history
-from elastic_det.run_files import RunFiles
+from elastic_det.engine.run_files import RunFiles
+from elastic_det.goodput.history import read_history
+from elastic_det.goodput.ledger import LEDGER, Ledger
+from elastic_det.goodput.report import build_report, main
 from elastic_det.storage import WorkDir
 
 T = 1_800_000_000.0
@@ -426,8 +426,8 @@ class _Runner:
 def test_goodput_hook_writes_steps_and_how_the_attempt_ended(tmp_path, outcome):
     import signal
 
-    from elastic_det.preemption import PreemptionFlag
-    from elastic_det.runner.goodput_hook import GoodputHook
+    from elastic_det.engine.hooks.goodput import GoodputHook
+    from elastic_det.engine.preemption import PreemptionFlag
 
     files = RunFiles(WorkDir(str(tmp_path)), enabled=True)
     flag = PreemptionFlag()

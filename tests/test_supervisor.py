@@ -44,12 +44,10 @@ from helpers import (
     wait_for,
 )
 
-from elastic_det import exit_status
 from elastic_det.checkpoint.manifest import Manifest
 from elastic_det.errors import NO_PROGRESS_EXIT_CODE, PREEMPTED_EXIT_CODE
-from elastic_det.storage import WorkDir
-from elastic_det.supervise import Options, Supervisor, default_stop_timeout, parse_cli
-from elastic_det.supervise_checks import (
+from elastic_det.launch import exit_status
+from elastic_det.launch.checks import (
     TORCH_FLOOR,
     TORCHVISION_FLOOR,
     UnsupportedTorchError,
@@ -58,7 +56,9 @@ from elastic_det.supervise_checks import (
     find_train_args,
     progress_store,
 )
-from elastic_det.torchrun import without_teardown
+from elastic_det.launch.supervisor import Options, Supervisor, default_stop_timeout, parse_cli
+from elastic_det.launch.torchrun import without_teardown
+from elastic_det.storage import WorkDir
 
 ELASTIC_RUN = REPO / "launch" / "elastic_run.sh"
 
@@ -77,7 +77,7 @@ import json, os, shutil, signal, sys, time
 here, work, repo = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path.insert(0, repo)
 from pathlib import Path
-from elastic_det import exit_status  # a light import: no torch, so the stand-in starts fast
+from elastic_det.launch import exit_status  # a light import: no torch, so the stand-in starts fast
 plan = json.load(open(os.path.join(here, "plan.json")))
 with open(os.path.join(here, "runs.txt"), "a") as f:
     f.write(f"{os.getpid()} {os.getpgid(0)}\\n")
@@ -258,7 +258,7 @@ def test_a_command_deaf_to_sigterm_is_killed_after_the_stop_timeout(tmp_path):
 def test_the_exit_status_channel_from_the_worker_side(tmp_path):
     """report(): nothing for retryable codes or without a supervisor; a final code is written atomically,
     then the worker waits for the stop signal (so torchrun never sees it fail and never restarts it)."""
-    script = ("import sys, time; from elastic_det import exit_status; t = time.monotonic(); "
+    script = ("import sys, time; from elastic_det.launch import exit_status; t = time.monotonic(); "
               "exit_status.report(int(sys.argv[1]), 'bad: x'); print(round(time.monotonic() - t, 2))")
     env = base_env(tmp_path, **{exit_status.EXIT_DIR_ENV: str(tmp_path), "RANK": "3"})
     quick = subprocess.run([PYTHON, "-c", script, "75"], env=env, capture_output=True, text=True, timeout=60)
@@ -429,8 +429,8 @@ def test_an_old_torch_stops_before_the_command(tmp_path):
 
 
 PREFLIGHT_PROBE = """import json, sys
-from elastic_det.supervise import Supervisor, parse_cli
-from elastic_det.supervise_checks import check_torch, committed_step, progress_store, resolve
+from elastic_det.launch.supervisor import Supervisor, parse_cli
+from elastic_det.launch.checks import check_torch, committed_step, progress_store, resolve
 options, command = parse_cli(sys.argv[1:])
 check_torch()
 target = resolve(command, options.work_dir, options.preflight)

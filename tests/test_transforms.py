@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from elastic_det.config import TransformConfig
+from elastic_det.config.schema import TransformConfig
 from elastic_det.data import DetectionDataset, ImageRecord, TrainSamples, build_transforms, sample_seed
 
 

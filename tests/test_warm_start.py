@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from helpers import REPO, alive, base_env, children, cmdline, events, fast_overrides, read_jsonl, train_steps, wait_for
 
-from elastic_det.warm_start import SERVER_PID_ENV, SOCKET_ENV, start_server
+from elastic_det.launch.warm_server import start_server
+from elastic_det.launch.warm_wire import SERVER_PID_ENV, SOCKET_ENV
 
 TESTS = Path(__file__).resolve().parent
-CLIENT = ("import sys; from elastic_det.warm_start import handoff; "
+CLIENT = ("import sys; from elastic_det.launch.warm_client import handoff; "
           "code = handoff(sys.argv[1], sys.argv[2:], extra_path=" + repr(str(TESTS)) + "); "
           "print('no warm server' if code is None else '', file=sys.stderr, flush=True); "
           "sys.exit(99 if code is None else code)")

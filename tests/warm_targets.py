@@ -15,7 +15,7 @@ def report(argv: list[str]) -> int:
     state), then exit argv[0]."""
     import gc
 
-    from elastic_det.warm_start import process_start_time
+    from elastic_det.process import process_start_time
 
     print(json.dumps({"argv": argv, "cwd": os.getcwd(), "marker": os.environ.get("WARM_TEST_MARKER"),
                       "pid": os.getpid(), "sid": os.getsid(0), "start": process_start_time(),

@@ -7,7 +7,7 @@ import importlib
 import os
 from typing import Any
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import DataError
 from .coco import CocoDataset
 from .shapes import ensure_shapes

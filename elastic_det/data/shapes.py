@@ -18,7 +18,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..config import ShapesConfig
+from ..config.schema import ShapesConfig
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import DataError
 from .cache import ImageCache, Prefetcher
 from .index import AnnotationIndex, load_or_build, local_identity, remote_identity

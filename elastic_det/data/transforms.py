@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from ..config import TransformConfig
+from ..config.schema import TransformConfig
 
 
 def build_transforms(cfg: TransformConfig, train: bool) -> v2.Compose:

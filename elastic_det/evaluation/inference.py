@@ -16,7 +16,7 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from torch import nn
 
-from ..amp import autocast
+from ..engine.amp import autocast
 from .coco_eval import coco_evaluate, predictions_to_coco
 
 

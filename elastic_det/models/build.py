@@ -27,7 +27,7 @@ from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..config import ModelConfig
+from ..config.schema import ModelConfig
 from ..errors import ConfigError, UserError
 from .tiny import tiny_fcos, tiny_retinanet
 

@@ -18,29 +18,29 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint.store import Checkpoint, CheckpointStore
+from ..config.schema import Config, config_hash, diff, to_dict, to_yaml
+from ..data.build import build_dataset
+from ..data.loader import TrainSamples, build_train_loader, build_val_loader
+from ..data.plan import ElasticBatchPlan, Progress, StepSchedule, aspect_groups, split_share
+from ..data.transforms import build_transforms
+from ..errors import ConfigError
+from ..evaluation.coco_eval import format_table
+from ..evaluation.inference import evaluate
+from ..goodput.ledger import Ledger
+from ..models.build import batch_dependent_layers, build_model
+from ..storage import WorkDir, is_shared_path
 from . import amp, dist, env_info, state
-from .checkpoint.store import Checkpoint, CheckpointStore
-from .config import Config, config_hash, diff, to_dict, to_yaml
-from .data.build import build_dataset
-from .data.loader import TrainSamples, build_train_loader, build_val_loader
-from .data.plan import ElasticBatchPlan, Progress, StepSchedule, aspect_groups, split_share
-from .data.transforms import build_transforms
-from .errors import ConfigError
-from .evaluation.coco_eval import format_table
-from .evaluation.inference import evaluate
-from .ledger import Ledger
-from .models.build import batch_dependent_layers, build_model
+from .hook import Hook
+from .hooks.checkpoint import CheckpointHook
+from .hooks.evaluation import EvalHook
+from .hooks.goodput import GoodputHook
+from .hooks.logger import LoggerHook
+from .hooks.trace import TraceHook, next_attempt_path
+from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionFlag
 from .run_files import MetricsLog, RunFiles, setup_text_logging
-from .runner.checkpoint_hook import CheckpointHook
-from .runner.eval_hook import EvalHook
-from .runner.goodput_hook import GoodputHook
-from .runner.hook import Hook
-from .runner.logging_hooks import LoggerHook
-from .runner.optim import build_optimizer, build_scheduler
-from .runner.runner import Runner
-from .runner.trace_hook import TraceHook, next_attempt_path
-from .storage import WorkDir, is_shared_path
+from .runner import Runner
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..ledger import Ledger
+from ...goodput.ledger import Ledger
+from ..hook import Hook
 from ..run_files import MetricsLog
-from .hook import Hook
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from ..runner import Runner
 
 log = logging.getLogger(__name__)
 

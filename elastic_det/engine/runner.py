@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import amp
 from ..data.plan import Progress, StepInfo, StepSchedule, split_micro
-from ..dist import DistInfo, watched
-from ..state import TrainingParts, build_state
+from . import amp
+from .dist import DistInfo, watched
 from .hook import EvalRecord, Hook, StepRecord
+from .state import TrainingParts, build_state
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .storage import WorkDir
+from ..storage import WorkDir
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import dist
+from ..hook import Hook
 from ..run_files import MetricsLog
-from .hook import Hook
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from ..runner import Runner
 
 log = logging.getLogger(__name__)
 

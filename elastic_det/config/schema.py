@@ -24,8 +24,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_ranges import RANGES
-from .errors import ConfigError
+from ..errors import ConfigError
+from .ranges import RANGES
 from .redaction import REDACTED, redact
 
 

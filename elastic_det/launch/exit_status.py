@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from .errors import FINAL_EXIT_CODES
+from ..errors import FINAL_EXIT_CODES
 
 EXIT_DIR_ENV = "ELASTIC_DET_EXIT_DIR"
 LINGER_S = 10.0
@@ -27,22 +26,6 @@ LINGER_S = 10.0
 half second, so it normally takes well under a second); after that the worker exits anyway."""
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def exit_now(code: int) -> None:
-    """Exit with ``code`` (a negative one: die of that signal) without the interpreter's teardown.
-
-    For processes that imported torch and have closed their files and waited for their children: tearing
-    torch's modules and libraries down took 0.5-1 s here (4 s loaded), and whoever comes next waits for it
-    (torchrun before restarting a worker, the supervisor before its next attempt, a scheduler before a
-    relaunch). Only the standard streams are flushed.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code)
 
 
 def report(exit_code: int, message: str, linger_s: float = LINGER_S) -> None:

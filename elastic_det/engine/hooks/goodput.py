@@ -13,12 +13,12 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from ..ledger import Ledger
+from ...goodput.ledger import Ledger
+from ..hook import Hook
 from ..preemption import PreemptionFlag
-from .hook import Hook
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from ..runner import Runner
 
 
 class GoodputHook(Hook):

@@ -16,13 +16,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ..checkpoint.store import Checkpoint, CheckpointStore
+from ..data.plan import Progress
+from ..errors import CheckpointError, InfrastructureError, UserError
+from ..models.weights import load_model_state
+from ..storage import WorkDir
 from . import dist
-from .checkpoint.store import Checkpoint, CheckpointStore
-from .data.plan import Progress
-from .errors import CheckpointError, InfrastructureError, UserError
-from .models.weights import load_model_state
-from .runner.optim import restore_scheduler
-from .storage import WorkDir
+from .optim import restore_scheduler
 
 log = logging.getLogger(__name__)
 

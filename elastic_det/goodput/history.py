@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import StorageError, UserError
+from ..errors import StorageError, UserError
+from ..storage import WorkDir
 from .ledger import LEDGER, MARKS
-from .storage import WorkDir
 
 METRICS = "metrics.jsonl"
 SUPERVISOR = "supervisor"

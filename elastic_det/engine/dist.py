@@ -9,7 +9,6 @@ the error a collective raises when its peer's connection closes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -25,9 +24,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .config import DistConfig
-from .errors import UserError
-from .warm_start import is_warm_child
+from ..config.schema import DistConfig
+from ..errors import UserError
+from ..process import die_with_parent, is_warm_child
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +172,7 @@ def forked_children_die_with_parent() -> None:
 
     def in_child() -> None:
         with contextlib.suppress(Exception):
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+            die_with_parent(signal.SIGKILL)
             if os.getppid() != _fork_parent:  # the parent died before prctl took effect
                 os._exit(0)
 

@@ -19,19 +19,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ...checkpoint.async_save import AsyncSaver
+from ...checkpoint.store import CheckpointStore
+from ...config.schema import CheckpointConfig
+from ...errors import InfrastructureError, StorageError, StorageUnavailableError, WorkDirOwnedError
+from ...goodput.ledger import Ledger
 from .. import dist
-from ..checkpoint.async_save import AsyncSaver
-from ..checkpoint.store import CheckpointStore
-from ..config import CheckpointConfig
-from ..errors import InfrastructureError, StorageError, StorageUnavailableError, WorkDirOwnedError
 from ..grace import GraceMonitor, grace_from_env, start_figures
-from ..ledger import Ledger
+from ..hook import Hook
 from ..preemption import PreemptionFlag
 from ..run_files import METRICS, MetricsLog, RunFiles
-from .hook import Hook
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from ..runner import Runner
 
 log = logging.getLogger(__name__)
 

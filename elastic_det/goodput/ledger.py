@@ -55,8 +55,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .run_files import LEDGER, RunFiles
-from .warm_start import is_warm_child, process_start_time
+from ..engine.run_files import LEDGER, RunFiles
+from ..process import is_warm_child, process_start_time
 
 FORMAT = 1
 LAUNCH_TIME_ENV = "ELASTIC_DET_LAUNCH_TIME"

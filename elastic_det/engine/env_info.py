@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from .checkpoint.manifest import versions
+from ..checkpoint.manifest import versions
 
 
 def git_hash() -> str:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from .errors import ElasticDetError, UserError
-from .storage import WorkDir
+from ..errors import ElasticDetError, UserError
+from ..storage import WorkDir
 
 if TYPE_CHECKING:
-    from .checkpoint.store import CheckpointStore
+    from ..checkpoint.store import CheckpointStore
 
 TORCH_FLOOR = (2, 12)
 TORCHVISION_FLOOR = (0, 27)  # the torchvision release paired with TORCH_FLOOR
@@ -88,8 +88,8 @@ def resolve(command: list[str], work_dir: str | None, preflight: bool) -> Target
     train_args = find_train_args(command)
     if train_args is None or (work_dir and not preflight):
         return Target(WorkDir(work_dir) if work_dir else None, train_args)
-    from .config import load_config
-    from .train import overrides_from_args, parse_args
+    from ..config.schema import load_config
+    from ..train import overrides_from_args, parse_args
 
     try:
         args = parse_args(train_args)
@@ -100,7 +100,7 @@ def resolve(command: list[str], work_dir: str | None, preflight: bool) -> Target
     target = Target(WorkDir(work_dir or cfg.work_dir, cfg.checkpoint.storage_options,
                             timeout=cfg.checkpoint.timeout_seconds), train_args)
     if preflight:
-        from .data.build import build_dataset
+        from ..data.build import build_dataset
 
         build_dataset(cfg.data, "train")
         if cfg.train.validate:
@@ -111,7 +111,7 @@ def resolve(command: list[str], work_dir: str | None, preflight: bool) -> Target
 
 def progress_store(work_dir: WorkDir | None) -> CheckpointStore | None:
     """The store whose manifests tell progress (one per run: it remembers the manifests it has read)."""
-    from .checkpoint.store import CheckpointStore
+    from ..checkpoint.store import CheckpointStore
 
     return CheckpointStore(work_dir) if work_dir is not None else None
 

@@ -6,12 +6,12 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..data.plan import split_share
+from ...data.plan import split_share
+from ..hook import Hook
 from ..run_files import RunFiles
-from .hook import Hook
 
 if TYPE_CHECKING:
-    from .runner import Runner
+    from ..runner import Runner
 
 
 def next_attempt_path(existing: Sequence[str]) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import OptimizerConfig, ScheduleConfig
+from ..config.schema import OptimizerConfig, ScheduleConfig
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -1,0 +1,1 @@
+"""The hooks the trainer installs: logger, data trace, goodput, evaluation and checkpoint."""

@@ -1,1 +1,0 @@
-"""The training loop and its hooks: ``Runner`` runs global steps, hooks do everything around them."""
