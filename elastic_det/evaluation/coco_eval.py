@@ -65,18 +65,20 @@ def predictions_to_coco(
 
 
 def coco_evaluate(coco_gt: COCO, results: list[dict[str, Any]],
-                  image_ids: Sequence[int] | None = None) -> dict[str, float]:
+                  image_ids: Sequence[int] | None = None, segm: bool | None = None) -> dict[str, float]:
     """``bbox_mAP``, ``bbox_mAP_50``, ``bbox_mAP_75`` and ``bbox_mAP_s/m/l`` of ``results`` on ``coco_gt``;
-    ``segm_mAP`` ... ``segm_mAP_l`` too when the results carry masks (``coco_gt`` must have segmentations).
+    ``segm_mAP`` ... ``segm_mAP_l`` too when ``segm`` (None: when a result carries a mask; pass True for a
+    model that predicts masks, so that no detection at all still reports them). ``coco_gt`` must then
+    have segmentations.
 
     ``image_ids`` restricts the evaluation to those images (a dataset may use part of a COCO file);
     None evaluates every image of ``coco_gt``.
     """
-    return run_cocoeval(coco_gt, results, image_ids).metrics
+    return run_cocoeval(coco_gt, results, image_ids, segm).metrics
 
 
 def run_cocoeval(coco_gt: COCO, results: list[dict[str, Any]],
-                 image_ids: Sequence[int] | None = None) -> CocoReport:
+                 image_ids: Sequence[int] | None = None, segm: bool | None = None) -> CocoReport:
     """:func:`coco_evaluate` plus the box AP of every category. ``results`` is not modified.
 
     Boxes and masks are evaluated apart (as mmdetection does): pycocotools' ``loadRes`` takes a result's
@@ -85,7 +87,7 @@ def run_cocoeval(coco_gt: COCO, results: list[dict[str, Any]],
     boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
     evaluator = _cocoeval(coco_gt, boxes, image_ids, "bbox")
     metrics = {name: float(evaluator.stats[i]) for i, name in enumerate(METRIC_NAMES)}
-    if any("segmentation" in r for r in results):
+    if segm or (segm is None and any("segmentation" in r for r in results)):
         masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
         segm = _cocoeval(coco_gt, masks, image_ids, "segm")
         metrics.update({name: float(segm.stats[i]) for i, name in enumerate(SEGM_METRIC_NAMES)})

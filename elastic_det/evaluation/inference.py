@@ -37,7 +37,15 @@ def evaluate(model: nn.Module, dataset: Any, loader: Iterable, device: torch.dev
     results = predict(model, dataset, loader, device, amp, coco_gt=coco_gt)
     if results is None:
         return None
-    return coco_evaluate(coco_gt, results, dataset.image_ids)
+    return coco_evaluate(coco_gt, results, dataset.image_ids, segm=predicts_masks(model))
+
+
+def predicts_masks(model: nn.Module) -> bool:
+    """Whether ``model`` is a Mask R-CNN (torchvision's ``roi_heads`` with a mask branch)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    roi_heads = getattr(model, "roi_heads", None)
+    return bool(roi_heads is not None and getattr(roi_heads, "has_mask", lambda: False)())
 
 
 def predict(model: nn.Module, dataset: Any, loader: Iterable, device: torch.device | str,
