@@ -92,7 +92,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, info: dist.DistInfo, show_
     results = predict(model, dataset, loader, info.device, cfg.train.amp, coco_gt=coco_gt)
     if results is None:
         return None
-    report = run_cocoeval(coco_gt, results, dataset.image_ids, segm=predicts_masks(model))
+    report = run_cocoeval(coco_gt, results, dataset.image_ids, segm=predicts_masks(model) or None)
     print(format_table(report.metrics, report.per_class), flush=True)
     if out:
         _write(out, json.dumps(results).encode())

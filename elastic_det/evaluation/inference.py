@@ -37,11 +37,12 @@ def evaluate(model: nn.Module, dataset: Any, loader: Iterable, device: torch.dev
     results = predict(model, dataset, loader, device, amp, coco_gt=coco_gt)
     if results is None:
         return None
-    return coco_evaluate(coco_gt, results, dataset.image_ids, segm=predicts_masks(model))
+    return coco_evaluate(coco_gt, results, dataset.image_ids, segm=predicts_masks(model) or None)
 
 
 def predicts_masks(model: nn.Module) -> bool:
-    """Whether ``model`` is a Mask R-CNN (torchvision's ``roi_heads`` with a mask branch)."""
+    """Whether ``model`` is a Mask R-CNN (torchvision's ``roi_heads`` with a mask branch): it reports the
+    ``segm_*`` figures even with no detection. For other models they follow from their results (``None``)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     roi_heads = getattr(model, "roi_heads", None)
