@@ -78,7 +78,7 @@ def _write_split(folder: str, split: str, count: int, image_size: int, max_objec
     images, annotations = [], []
     for i in range(count):
         rng = np.random.default_rng([seed % 2**64, _SPLIT_CODES[split], i])
-        image, _, boxes, labels, areas, masks = render_image(rng, image_size, max_objects, with_masks=True)
+        image, _, boxes, labels, areas, masks = render_image(rng, image_size, max_objects, True)  # True: with masks
         image_id = i + 1
         file_name = f"{image_id:06d}.jpg"
         Image.fromarray(image).save(os.path.join(folder, file_name), quality=95)
