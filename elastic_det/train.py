@@ -57,7 +57,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, overrides_from_args(args))
         if args.amp:
-            from .engine.amp import default_mode
+            from .models.amp import default_mode
 
             cfg.train.amp = default_mode()
         from .engine.trainer import train

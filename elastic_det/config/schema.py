@@ -89,14 +89,16 @@ class DataConfig:
     num_workers: int = 2
     val_batch_size: int = 8
     trace: bool = False  # rank 0 writes WORK_DIR/trace/attempt-K.jsonl, the ids of every global step
+    masks: bool | None = None  # load COCO segmentations as instance masks; null = when model.type predicts them
     train_transforms: TransformConfig = field(default_factory=lambda: TransformConfig(flip_prob=0.5))
     val_transforms: TransformConfig = field(default_factory=TransformConfig)
 
 
 @dataclass
 class ModelConfig:
-    type: str = "tiny_fcos"  # tiny_fcos | tiny_retinanet | faster_rcnn_r50_fpn | retinanet_r50_fpn |
-    # fcos_r50_fpn | ssdlite320_mobilenet_v3 | package.module:function
+    type: str = "tiny_fcos"  # tiny_fcos | tiny_retinanet | tiny_mask_rcnn | faster_rcnn_r50_fpn |
+    # retinanet_r50_fpn | fcos_r50_fpn | ssdlite320_mobilenet_v3 | maskrcnn_resnet50_fpn |
+    # maskrcnn_resnet50_fpn_v2 | package.module:function
     num_classes: int = 0  # 0 = from the dataset
     weights: str = ""  # torchvision weights name, e.g. FasterRCNN_ResNet50_FPN_Weights.COCO_V1
     weights_backbone: str = ""  # e.g. ResNet50_Weights.IMAGENET1K_V1
@@ -173,6 +175,10 @@ class DistConfig:
     timeout_seconds: float = 120.0  # collective timeout: a lost peer becomes a restart, not a hang
 
 
+MASK_MODELS = ("tiny_mask_rcnn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+"""The built-in model types that predict instance masks (their datasets load segmentations)."""
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -186,6 +192,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        # data.masks: null is derived here, where the model type is known: the dataset builders only see
+        # cfg.data, and the run's config.yaml then records what was loaded.
+        if self.data.masks is None:
+            self.data.masks = self.model.type in MASK_MODELS
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -367,6 +379,12 @@ def _check_values(cfg: Config) -> None:
                           f"stalled store (8 x checkpoint.timeout_seconds + 10 = {stalled_save:g} s): the other "
                           "ranks wait for rank 0's save in a collective. Raise dist.timeout_seconds or lower "
                           "checkpoint.timeout_seconds.")
+    if cfg.model.type in MASK_MODELS and not cfg.data.masks:
+        raise ConfigError(f"model.type {cfg.model.type} predicts masks and trains on them, but data.masks is "
+                          "false: set data.masks=true (or leave it null).")
+    if cfg.data.masks and cfg.data.type == "voc":
+        raise ConfigError("data.masks is true but data.type voc has boxes only: masks need COCO segmentations "
+                          "(data.type coco or shapes).")
     if cfg.data.group_by_aspect_ratio and cfg.elastic.batch_policy == "scale_lr":
         raise ConfigError("data.group_by_aspect_ratio needs elastic.batch_policy=fixed_global: grouped "
                           "global batches have a fixed size.")

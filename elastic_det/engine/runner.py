@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.plan import Progress, StepInfo, StepSchedule, split_micro
-from . import amp
+from ..models import amp
 from .dist import DistInfo, watched
 from .events import EventStream
 from .hook import EvalRecord, Hook, StepRecord

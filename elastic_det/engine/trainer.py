@@ -28,10 +28,11 @@ from ..data.transforms import build_transforms
 from ..errors import ConfigError
 from ..evaluation.coco_eval import format_table
 from ..evaluation.inference import evaluate
+from ..models import amp
 from ..models.build import batch_dependent_layers, build_model
 from ..records import METRICS
 from ..storage import WorkDir, is_shared_path
-from . import amp, dist, env_info, state
+from . import dist, env_info, state
 from .checkpointer import Checkpointer
 from .events import EventStream, Writer
 from .grace import GraceMonitor, GraceWriter, grace_from_env
