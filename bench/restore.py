@@ -44,7 +44,7 @@ def synthetic_state(size_mb: float) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    total = int(size_mb * 2**20 / 4)
+    total = int(size_mb * 1e6 / 4 * 1000 / 1100)  # the weights below sum to 1.1 x total
     sizes = [max(1, total * w // 1000) for w in [2] * 100 + [8] * 50 + [50] * 10]
     model = {f"w{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
     return {"model": model, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
