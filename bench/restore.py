@@ -10,7 +10,9 @@ Three ways to restore, each run as a real ``torchrun --standalone`` job (gloo) t
 * ``broadcast``: rank 0 reads and verifies it, and broadcasts the bytes over the process group; each rank
   verifies the digest and loads them (a prototype, here only: measured, not chosen);
 * ``node-copy``: what the trainer does: the node's first process reads it into the node-local cache dir,
-  the others load that copy verified by its digest (elastic_det/checkpoint/node_copy.py).
+  the others load that copy verified by its digest (elastic_det/checkpoint/node_copy.py);
+* ``node-warm``: the same on a node whose copy is still there (torchrun restarted its workers in place, or
+  the supervisor relaunched torchrun on the same host: the most frequent restart).
 
 Bytes are counted at the endpoint: a counting proxy (tests/faulty_s3.py, no faults) in front of a moto
 server; only the checkpoint data objects' GET bodies are counted. Every restart starts from an empty node
@@ -35,7 +37,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-VARIANTS = ("before", "broadcast", "node-copy")
+VARIANTS = ("before", "broadcast", "node-copy", "node-warm")
 DATA_GET = r"/checkpoints/step-\d+/state-[0-9a-f]+\.pt"
 
 
@@ -84,7 +86,8 @@ def main() -> None:
             for n in procs:
                 for variant in VARIANTS:
                     cache = os.path.join(tmp, "cache")
-                    shutil.rmtree(cache, ignore_errors=True)
+                    if variant != "node-warm":
+                        shutil.rmtree(cache, ignore_errors=True)
                     with proxy._lock:
                         proxy.log.clear()
                     out = os.path.join(tmp, "result.json")
@@ -121,7 +124,7 @@ def worker(variant: str, url: str, cache: str, out: str) -> None:
     from elastic_det.storage import WorkDir
 
     dist.init_process_group("gloo")
-    store = CheckpointStore(WorkDir(url), node_copies=NodeCopies(cache) if variant == "node-copy" else None)
+    store = CheckpointStore(WorkDir(url), node_copies=NodeCopies(cache) if variant.startswith("node") else None)
     assert store.committed_steps() == [10]  # the connection and listing set up, out of the timed part
     dist.barrier()
     start = time.perf_counter()

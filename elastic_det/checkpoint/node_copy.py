@@ -6,9 +6,10 @@ Layout under ``root`` (``<data.cache.dir>/checkpoints``, the local disk the data
 
 * **One read per node.** The first process of the node to want the object takes the entry's ``flock``,
   reads the object from the store, checks its size and digest against the manifest, writes the copy (temp
-  name, fsync, rename) and loads the bytes it holds. The others wait on the lock and then load the copy,
-  each verifying its digest first: a copy damaged on local disk is read again from the store, never taken
-  for a broken checkpoint. ``flock`` is released by the kernel when its holder dies.
+  name, rename; no fsync: every reader verifies the digest) and loads the bytes it holds. The others wait
+  on the lock and then load the copy, each verifying its digest first: a copy damaged on local disk is
+  read again from the store, never taken for a broken checkpoint. ``flock`` is released by the kernel when
+  its holder dies.
 * **A broken object is read once too**: its reason goes into the ``.bad`` marker, and the node's other
   processes fall back past it without reading it (the key includes the digest, so a new commit of the step
   never meets an old marker).
@@ -208,12 +209,12 @@ def _read_from_store(wd: WorkDir, relpath: str, manifest: Manifest, map_location
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+    """Temp file + rename, without fsync: every reader verifies the digest, so a copy damaged by a crash
+    is read again from the store (an fsync of 141 MB kept the node's other ranks waiting)."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
