@@ -98,10 +98,13 @@ def main() -> None:
         store.wait(timeout=30)
         lost = time.time()
         store = start_store("store-2.log")
-        wait_for(lambda: [e for e in events(work, "resume") if e["time"] > lost], 240, "a resume after the store")
-        back = wait_for(lambda: trained_at(work, 3, lost) or trained_at(work, 2, lost), 240, "training")
-        print(f"store SIGKILLed and started again with no state -> training again after {back['time'] - lost:.1f} s",
-              flush=True)
+        resumed = wait_for(lambda: [e for e in events(work, "resume") if e["time"] > lost], 240,
+                           "a resume after the store")[0]
+        back = wait_for(lambda: trained_at(work, 3, resumed["time"]) or trained_at(work, 2, resumed["time"]), 240,
+                        "training after that resume")
+        print(f"store SIGKILLed and started again with no state -> resumed at step {resumed['step']} after "
+              f"{resumed['time'] - lost:.1f} s, training again after {back['time'] - lost:.1f} s (the workers "
+              "train on until their agents find the store gone)", flush=True)
         for node in nodes:
             code = node.wait(timeout=900)
             assert code == 0, f"a node ended with {code}"
