@@ -154,13 +154,14 @@ class NodeCopies:
         return load_weights_only(copy, head, map_location)
 
     def _evict(self, keep: str) -> None:
-        """Remove all but the ``keep`` most recently used copies (and markers of removed ones)."""
+        """Remove all but the ``keep`` most recently used copies (with their markers and lock files: a fill
+        racing on an evicted lock file writes the same bytes atomically)."""
         try:
             entries = [e for e in os.scandir(self.root) if e.is_file() and len(e.name) == 40]
             entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
             for entry in entries[self.keep:]:
                 if entry.path != keep:
-                    for suffix in ("", _BAD):
+                    for suffix in ("", _BAD, _LOCK):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path + suffix)
             for entry in os.scandir(self.root):  # temp files of processes killed mid-write
