@@ -71,6 +71,7 @@ def main() -> None:
         store = start_store("store.log")
         nodes = [procs.start(torchrun, env, tmp / f"node-{i}.log") for i in range(3)]
         wait_for(lambda: trained_at(work, 3, 0), 300, "training at world size 3")
+        wait_for(lambda: events(work, "checkpoint"), 120, "a first checkpoint")  # so a loss resumes from one
         recoveries = []
         for loss in range(args.losses):
             victim = nodes.pop(0)
