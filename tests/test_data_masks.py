@@ -13,7 +13,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-from elastic_det.config import Config, ModelConfig, TransformConfig, load_config
+from elastic_det.config import Config, load_config
+from elastic_det.config.schema import ModelConfig, TransformConfig
 from elastic_det.data import CocoDataset, DataSource, TrainSamples, build_dataset, build_transforms
 from elastic_det.data.shapes import ensure_shapes, render_image
 from elastic_det.errors import ConfigError, DataError

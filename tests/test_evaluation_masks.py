@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import nn
 
-from elastic_det.config import ModelConfig
+from elastic_det.config.schema import ModelConfig
 from elastic_det.evaluation import evaluate, predict, predicts_masks, run_cocoeval
 from elastic_det.evaluation.coco_eval import METRIC_NAMES, SEGM_METRIC_NAMES
 from elastic_det.models.build import build_model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elastic_det.config import ModelConfig
+from elastic_det.config.schema import ModelConfig
 from elastic_det.models.build import _replace_classifier, build_model
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint.node_copy import NodeCopies
 from ..checkpoint.store import Checkpoint, CheckpointStore
 from ..config.schema import Config, config_hash, diff, to_dict, to_yaml
 from ..data.build import build_dataset
@@ -139,7 +140,8 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
         parts = build_training_parts(cfg, info, data)
         store = CheckpointStore(work_dir=out.work_dir, keep_last=cfg.checkpoint.keep_last,
                                 keep_every=cfg.checkpoint.keep_every, keep_best=cfg.checkpoint.keep_best,
-                                on_event=lambda e: out.events.publish(e.pop("event"), e.pop("step", -1), **e))
+                                on_event=lambda e: out.events.publish(e.pop("event"), e.pop("step", -1), **e),
+                                node_copies=node_copies(cfg))
         load_start = time.time()
         checkpoint = state.find_checkpoint(store, resume)
         progress, hook_states = Progress(seed=cfg.seed), {}
@@ -166,6 +168,12 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
         raise
     finally:
         out.files.close()
+
+
+def node_copies(cfg: Config) -> NodeCopies | None:
+    """Where a checkpoint on an object store is copied for the other ranks of the node: beside the data
+    cache (``data.cache.dir``; "" = every rank reads it from the store)."""
+    return NodeCopies(os.path.join(cfg.data.cache.dir, "checkpoints")) if cfg.data.cache.dir else None
 
 
 def open_work_dir(cfg: Config, info: dist.DistInfo, writers: Sequence[WriterFactory] = ()) -> RunOutput:
