@@ -117,7 +117,7 @@ def local_reference(root: str, state: dict):
 
 def s3_reference(wd: WorkDir, state: dict):
     def save(name: str) -> None:
-        with wd.fs.open(wd._fs_path(name), "wb") as f:
+        with wd.fs.open(wd.fs_path(name), "wb") as f:
             torch.save(state, f)
     return save
 

@@ -157,6 +157,15 @@ def test_check_writable_local_parent_is_a_file(tmp_path):
     assert url in str(info.value)
 
 
+def test_check_writable_work_dir_is_a_file(tmp_path):
+    """Not "not writable: File exists": the message says what is wrong with the path, and the file is kept."""
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(StorageError, match=r"run is a file, not a directory$") as info:
+        WorkDir(str(tmp_path / "run")).check_writable()
+    assert exit_code_for(info.value) == 2
+    assert (tmp_path / "run").read_text() == "notes"
+
+
 def test_local_write_under_a_file_fails_cleanly(tmp_path):
     (tmp_path / "blocker").write_text("x")
     wd = WorkDir(str(tmp_path))
@@ -229,6 +238,24 @@ def test_paths(tmp_path, s3_bucket):
     assert WorkDir(str(tmp_path)).path("a/b.pt") == str(tmp_path / "a" / "b.pt")
     assert WorkDir(s3_bucket + "/run/").path("a/b.pt") == s3_bucket + "/run/a/b.pt"
     assert WorkDir(s3_bucket).is_local is False
+
+
+def test_one_protocol_two_implementations(tmp_path, s3_bucket):
+    """WorkDir(url) picks the implementation by URL; every public method of the protocol is implemented by
+    both, so nothing above storage/ needs to know which one it holds."""
+    from elastic_det.storage.fsspec_dir import FsspecWorkDir
+    from elastic_det.storage.local import LocalWorkDir
+
+    assert type(WorkDir(str(tmp_path))) is LocalWorkDir
+    assert type(WorkDir(f"file://{tmp_path}")) is LocalWorkDir
+    assert type(WorkDir(s3_bucket)) is FsspecWorkDir
+    assert type(WorkDir("memory://run")) is FsspecWorkDir
+    protocol = [name for name, value in vars(WorkDir).items()
+                if callable(value) and getattr(value, "__code__", None) is not None
+                and "NotImplementedError" in value.__code__.co_names]
+    assert len(protocol) >= 9
+    for impl in (LocalWorkDir, FsspecWorkDir):
+        assert not [name for name in protocol if name not in vars(impl)], impl
 
 
 def test_is_shared_path():

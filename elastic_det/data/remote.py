@@ -1,6 +1,6 @@
 """Dataset files behind URLs (``s3://bucket/coco/...`` or any fsspec protocol), with errors that name the URL.
 
-Storage options and credentials follow the work dir's rules (:mod:`elastic_det.storage.workdir`): the
+Storage options and credentials follow the work dir's rules (:mod:`elastic_det.storage.fsspec_dir`): the
 standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...) or
 ``data.storage_options``, which win. They live in memory only.
 

@@ -7,9 +7,11 @@ connections, 5xx/SlowDown, a full disk) is a :class:`StorageUnavailableError` (r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 from ..errors import StorageError, StorageUnavailableError
@@ -121,3 +123,16 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.errno and os.strerror(error.errno) not in text:
         return f"{text} ({os.strerror(error.errno)})"
     return text
+
+
+@contextlib.contextmanager
+def classified(what: str) -> Iterator[None]:
+    """Turn a storage library's failure inside the block into :class:`StorageError` (final) or
+    :class:`StorageUnavailableError` (retryable) headed ``what``; ``FileNotFoundError`` and failures already
+    classified pass through unchanged."""
+    try:
+        yield
+    except (FileNotFoundError, *STORAGE_FAILURES):
+        raise
+    except storage_errors() as e:
+        raise storage_error(what, e) from e
