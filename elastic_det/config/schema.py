@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import types
 import typing
@@ -25,8 +23,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
+from .output import config_hash, diff, to_dict, to_public_dict, to_yaml, yaml_key
 from .ranges import RANGES
-from .redaction import REDACTED, redact
+from .redaction import REDACTED
+
+__all__ = ["Config", "ConfigError", "config_hash", "diff", "get_key", "load_config", "to_dict",
+           "to_public_dict", "to_yaml"]
 
 
 def _key(name: str) -> dict[str, str]:
@@ -140,6 +142,17 @@ class TrainConfig:
     validate: bool = True
     eval_interval: int = 0  # evaluate every N global steps (0 = only at the end)
     deterministic: bool = False
+    nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 65) | skip (drop that step's update on every rank)
+    nonfinite_patience: int = 10  # skip: stop after this many skipped steps in a row
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, used for evaluation, ``elastic_det.test`` and exports."""
+
+    enabled: bool = False
+    decay: float = 0.9998  # per global step, once warmed up
+    warmup_steps: int = 2000  # decay ramps as decay * (1 - exp(-updates / warmup_steps)); 0 = constant
 
 
 @dataclass
@@ -182,6 +195,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
@@ -190,6 +204,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "fp16", "bf16"),
+    "train.nonfinite": ("stop", "skip"),
     "optimizer.type": ("sgd", "adamw"),
     "schedule.policy": ("multistep", "cosine", "constant"),
     "model.norm": ("auto", "frozen_bn", "bn", "sync_bn", "group_norm"),
@@ -268,16 +283,12 @@ def _parse_overrides(overrides: list[str]):
 # Validation against the schema
 
 
-def _yaml_key(f: dataclasses.Field) -> str:
-    return f.metadata.get("key", f.name)
-
-
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"Config key '{where}' must be a mapping, got {data!r} ({type(data).__name__})")
     hints = typing.get_type_hints(cls)
-    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
+    fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
@@ -377,48 +388,3 @@ def get_key(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Output
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain data, with YAML key names (``checkpoint.async``). Holds credentials: use
-    :func:`to_public_dict` for anything that is written, logged or compared."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        out[_yaml_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else value
-    return out
-
-
-def to_public_dict(cfg: Config) -> dict[str, Any]:
-    """``to_dict`` with credentials redacted: what config.yaml, checkpoints and events may hold."""
-    return redact(to_dict(cfg))
-
-
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, credentials redacted."""
-    return OmegaConf.to_yaml(OmegaConf.create(to_public_dict(cfg)))
-
-
-def config_hash(cfg: Config) -> str:
-    """A short hash of the resolved config (credentials left out), stored in every checkpoint manifest."""
-    text = json.dumps(to_public_dict(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ between two configs as plain data, as ``key: old -> new`` lines.
-
-    Both sides are redacted first, so a changed credential shows as a change without its value."""
-    old, new = redact(old), redact(new)
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return lines
