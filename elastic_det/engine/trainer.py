@@ -24,19 +24,21 @@ from ..data.build import build_dataset
 from ..data.loader import TrainSamples, build_train_loader, build_val_loader
 from ..data.plan import ElasticBatchPlan, Progress, StepSchedule, aspect_groups, split_share
 from ..data.transforms import build_transforms
-from ..errors import ConfigError
+from ..errors import ConfigError, InfrastructureError
 from ..evaluation.coco_eval import format_table
 from ..evaluation.inference import evaluate
 from ..goodput.ledger import Ledger
 from ..models.build import batch_dependent_layers, build_model
 from ..storage import WorkDir, is_shared_path
 from . import amp, dist, env_info, state
+from .ema import build_ema
 from .hook import Hook
 from .hooks.checkpoint import CheckpointHook
 from .hooks.evaluation import EvalHook
 from .hooks.goodput import GoodputHook
 from .hooks.logger import LoggerHook
 from .hooks.trace import TraceHook, next_attempt_path
+from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionFlag
 from .run_files import MetricsLog, RunFiles, setup_text_logging
@@ -146,10 +148,13 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
         runner = Runner(parts=parts, model=model, schedule=schedule, batches=batches, hooks=hooks, dist_info=info,
                         progress=progress, max_steps=data.max_steps, micro_batch_size=cfg.data.micro_batch_size,
                         amp_mode=cfg.train.amp, clip_grad_norm=cfg.optimizer.clip_grad_norm,
-                        meta={"config": to_yaml(cfg), "env": env})
+                        meta={"config": to_yaml(cfg), "env": env}, nonfinite=_nonfinite_guard(cfg, info, out))
         runner.load_hook_states(hook_states)
         announce(cfg, info, out, data, progress, checkpoint)
-        runner.train()
+        try:
+            runner.train()
+        except NonFiniteLossError as e:  # every rank, at the same step; the hooks are closed (saves done)
+            raise e.with_checkpoint(_newest_checkpoint(store)) from None
         if runner.stop_reason is None and info.is_main:
             out.metrics.event("done", runner.progress.global_step, world_size=info.world_size)
         return runner.stop_reason == "preempt"
@@ -199,7 +204,8 @@ def build_training_parts(cfg: Config, info: dist.DistInfo, data: TrainData) -> s
                 "group_norm for a world-size-invariant run.", len(bn), bn[0])
     optimizer = build_optimizer(cfg.optimizer, model, data.policy.lr)
     scheduler = build_scheduler(cfg.schedule, optimizer, data.max_steps)
-    return state.TrainingParts(model, optimizer, scheduler, amp.grad_scaler(cfg.train.amp, info.device))
+    return state.TrainingParts(model, optimizer, scheduler, amp.grad_scaler(cfg.train.amp, info.device),
+                               ema=build_ema(cfg.ema, model))
 
 
 def build_batches(cfg: Config, info: dist.DistInfo, data: TrainData, progress: Progress):
@@ -252,6 +258,29 @@ def announce(cfg: Config, info: dist.DistInfo, out: RunOutput, data: TrainData, 
         log.info("Config changed since the checkpoint: %s", line)
     out.metrics.event("resume", progress.global_step, checkpoint=checkpoint.location, config_changes=changes,
                       **fields)
+
+
+def _nonfinite_guard(cfg: Config, info: dist.DistInfo, out: RunOutput) -> NonFiniteGuard:
+    def on_skip(step: int, terms: list[str], in_a_row: int, total: int) -> None:
+        log.warning("Global step %d: non-finite %s on some rank; its update is dropped on every rank "
+                    "(train.nonfinite=skip, %d in a row, %d in all)", step, ", ".join(terms), in_a_row, total)
+        if info.is_main:
+            out.metrics.event("nonfinite_skip", step, terms=terms, in_a_row=in_a_row, skipped=total)
+
+    return NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_patience, on_skip)
+
+
+def _newest_checkpoint(store: CheckpointStore) -> str | None:
+    """The newest committed checkpoint, as rank 0 sees it (after its last save), on every rank."""
+    location = None
+    if dist.is_main():
+        try:
+            step = store.newest_committed_step()
+            location = store.location(step) if step is not None else None
+        except (InfrastructureError, OSError) as e:
+            location = f"(not known: listing {store.work_dir.url} failed: {e})"
+    with dist.watched("sharing the newest checkpoint"):
+        return dist.broadcast_object(location)
 
 
 def _seed_and_determinism(cfg: Config) -> None:

@@ -1,14 +1,17 @@
 """When to save, and what happens when a save fails or a preemption signal arrives.
 
-Every step all ranks agree, with one small all-reduce, on four flags: a preemption signal reached some
-rank, the wall-clock interval has passed on some rank, too many saves failed in a row, another writer
-owns the work dir. Then every rank takes the same decision. Rank 0 writes (model replicas are
-identical); the commit protocol lives in ``checkpoint.store``.
+Every step all ranks agree on five flags: a preemption signal reached some rank, the wall-clock interval
+has passed on some rank, too many saves failed in a row, another writer owns the work dir, a save was
+refused for a non-finite tensor. They are this hook's ``step_flags``, OR-ed in the step's one flag
+all-reduce (the runner's, before the update; it also carries the non-finite loss check). Then every rank
+takes the same decision. Rank 0 writes (model replicas are identical); the commit protocol lives in
+``checkpoint.store``.
 
 A failed save is a storage problem (``StorageError``, ``InfrastructureError``, ``OSError``): it is
 logged as ``checkpoint_failed`` and retried at the next interval. A save refused because a newer
-checkpoint exists (``WorkDirOwnedError``: another run writes here) stops every rank at once, exit 3.
-Anything else is a bug and propagates.
+checkpoint exists (``WorkDirOwnedError``: another run writes here) stops every rank at once, exit 3. A
+save refused because a tensor is NaN or infinite (``NonFiniteStateError``: the previous checkpoint stays
+the newest) stops every rank at the next agreement, exit 65. Anything else is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 from ...checkpoint.async_save import AsyncSaver
 from ...checkpoint.store import CheckpointStore
 from ...config.schema import CheckpointConfig
-from ...errors import InfrastructureError, StorageError, StorageUnavailableError, WorkDirOwnedError
+from ...errors import (
+    InfrastructureError,
+    NonFiniteStateError,
+    StorageError,
+    StorageUnavailableError,
+    WorkDirOwnedError,
+)
 from ...goodput.ledger import Ledger
 from .. import dist
 from ..grace import GraceMonitor, grace_from_env, start_figures
@@ -59,6 +68,7 @@ class CheckpointHook(Hook):
         self.failures = 0
         self.last_error: BaseException | None = None
         self.owner_error: WorkDirOwnedError | None = None
+        self.nonfinite_error: NonFiniteStateError | None = None  # rank 0's refused save
         self.bug: BaseException | None = None  # a non-storage exception from the save thread
         self._last_save = time.monotonic()
         self._saved_step = -1
@@ -75,19 +85,27 @@ class CheckpointHook(Hook):
             self.grace.at_start(*start_figures(self.files.local_path(METRICS), model_bytes,
                                                remote=not self.store.work_dir.is_local))
 
+    def step_flags(self, runner: Runner) -> dict[str, bool]:
+        minutes = self.cfg.interval_minutes
+        return {"preempt": self.preempt.is_set(),
+                "save_time_due": minutes > 0 and time.monotonic() - self._last_save >= minutes * 60,
+                "save_failures": self.failures >= self.cfg.max_failures,
+                "work_dir_owned": self.owner_error is not None,
+                "save_nonfinite": self.nonfinite_error is not None}
+
     def after_step(self, runner: Runner) -> None:
         if self.bug is not None:
             raise self.bug
-        if runner.last_step is not None:
-            self.preempt.note_step_time(runner.last_step.step_time)
+        record = runner.last_step
+        self.preempt.note_step_time(record.step_time)
         step = runner.progress.global_step
-        minutes = self.cfg.interval_minutes
-        time_due = minutes > 0 and time.monotonic() - self._last_save >= minutes * 60
-        preempted, time_due, too_many, owned = dist.any_rank_each(
-            [self.preempt.is_set(), time_due, self.failures >= self.cfg.max_failures, self.owner_error is not None])
-        if owned:
+        flags = record.flags
+        preempted, time_due, too_many = flags["preempt"], flags["save_time_due"], flags["save_failures"]
+        if flags["work_dir_owned"]:
             raise self.owner_error or WorkDirOwnedError(
                 f"Another writer committed a newer checkpoint to {self.store.work_dir.url}; this run stops.")
+        if flags["save_nonfinite"]:
+            raise self._nonfinite_error()
         if too_many:
             raise self._failure_error(f"{self.cfg.max_failures} checkpoint saves in a row failed "
                                       "(checkpoint.max_failures); training stops so no more work is at risk.")
@@ -108,10 +126,13 @@ class CheckpointHook(Hook):
     def after_run(self, runner: Runner) -> None:
         if runner.stop_reason is None and runner.progress.global_step >= runner.max_steps:
             self.save(runner, "final", sync=True)
-            owned, failed = dist.any_rank_each([self.owner_error is not None, self.failures > 0])
+            owned, nonfinite, failed = dist.any_rank_each(
+                [self.owner_error is not None, self.nonfinite_error is not None, self.failures > 0])
             if owned:
                 raise self.owner_error or WorkDirOwnedError(
                     f"Another writer committed a newer checkpoint to {self.store.work_dir.url}.")
+            if nonfinite:
+                raise self._nonfinite_error()
             if failed:
                 raise self._failure_error("The final checkpoint could not be saved.")
         elif self.saver is not None:
@@ -149,12 +170,14 @@ class CheckpointHook(Hook):
                 start = time.perf_counter()
                 try:
                     manifest = self.store.save(step, state, meta)
-                except (*SAVE_FAILURES, WorkDirOwnedError) as e:
+                except (*SAVE_FAILURES, WorkDirOwnedError, NonFiniteStateError) as e:
                     self._on_done(step, reason)(None, e, time.perf_counter() - start)
                 else:
                     self._on_done(step, reason)(manifest, None, time.perf_counter() - start)
-        if sync and reason in ("preempt", "final"):
-            dist.barrier()  # no rank exits (and so no agent tears rank 0 down) before the commit
+        if sync and reason == "preempt":
+            # no rank exits (and so no agent tears rank 0 down) before the commit; a refused save stops all
+            if dist.any_rank_each([self.nonfinite_error is not None])[0]:
+                raise self._nonfinite_error()
 
     def _on_done(self, step: int, reason: str) -> Callable[[Any, BaseException | None, float], None]:
         def done(manifest: Any, error: BaseException | None, seconds: float) -> None:
@@ -167,6 +190,10 @@ class CheckpointHook(Hook):
                 self.metrics.event("checkpoint", step, reason=reason, seconds=round(seconds, 3),
                                    path=self.store.location(step))
                 self.files.sync()
+            elif isinstance(error, NonFiniteStateError):
+                self.nonfinite_error = error
+                log.error("Checkpoint at step %d refused: %s", step, error)
+                self.metrics.event("checkpoint_failed", step, reason=reason, error=_describe(error), final=True)
             elif isinstance(error, WorkDirOwnedError):
                 self.owner_error = error
                 log.error("Checkpoint at step %d refused: %s", step, error)
@@ -180,6 +207,14 @@ class CheckpointHook(Hook):
             else:
                 self.bug = error
         return done
+
+    def _nonfinite_error(self) -> NonFiniteStateError:
+        """The refused save's error on rank 0; on the others, the same finding in other words."""
+        if self.nonfinite_error is not None:
+            return self.nonfinite_error
+        return NonFiniteStateError(f"Rank 0 refused to commit a checkpoint to {self.store.work_dir.url}: a tensor "
+                                   "of the training state is not finite (NaN or inf); see rank 0's log. The "
+                                   "newest committed checkpoint stays the newest.")
 
     def _failure_error(self, what: str) -> Exception:
         """Final when the last failure was (a store that denies access, does not exist); else retryable."""

@@ -1,4 +1,5 @@
-"""Evaluation every ``train.eval_interval`` global steps and at the end (distributed inference)."""
+"""Evaluation every ``train.eval_interval`` global steps and at the end (distributed inference), of the
+averaged weights when ``ema.enabled`` (``runner.eval_model``); the val record says which (``weights``)."""
 
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ class EvalHook(Hook):
             return
         self._done_step = step
         with self.ledger.evaluation(step) if self.ledger else contextlib.nullcontext():
-            results = self.evaluate(runner.unwrapped_model)
+            results = self.evaluate(runner.eval_model)
         if results is not None:  # rank 0
-            self.metrics.write({"mode": "val", "step": step, **results})
-            log.info("Evaluation at step %d:\n%s", step, self.format_table(results))
+            self.metrics.write({"mode": "val", "step": step, "weights": runner.eval_weights, **results})
+            log.info("Evaluation at step %d (%s weights):\n%s", step, runner.eval_weights,
+                     self.format_table(results))
         runner.record_eval(results or {})
