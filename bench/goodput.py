@@ -50,8 +50,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from helpers import Procs, base_env, children, is_torchrun, read_jsonl, torchrun_cmd  # noqa: E402
 
 from elastic_det.goodput.history import build_history, parse_jsonl, read_history  # noqa: E402
-from elastic_det.goodput.ledger import LAUNCH_TIME_ENV, LEDGER  # noqa: E402
+from elastic_det.goodput.ledger import LAUNCH_TIME_ENV  # noqa: E402
 from elastic_det.goodput.report import BUCKETS, Report, build_report  # noqa: E402
+from elastic_det.records import LEDGER  # noqa: E402
 from elastic_det.storage import WorkDir  # noqa: E402
 
 SCENARIOS = ("uninterrupted", "preempt", "kill")

@@ -1,6 +1,7 @@
 """``python -m elastic_det.test CONFIG CHECKPOINT_OR_WORK_DIR [--show-dir DIR] [--out results.json] ...``
 
-Evaluates a checkpoint (COCO box mAP on the val split of CONFIG) and prints the metrics table. The second
+Evaluates a checkpoint (COCO box mAP on the val split of CONFIG, and mask mAP for a model that predicts
+masks) and prints the metrics table. The second
 argument is a work dir (its newest committed checkpoint), a checkpoint step directory, or a weights file
 (``.pt``/``.pth``); local paths or fsspec URLs. A checkpoint trained with ``ema.enabled`` is evaluated
 with its averaged weights unless ``--weights raw``. Runs as one process or under torchrun: every rank predicts
@@ -25,18 +26,19 @@ import torch
 from PIL import Image
 from torch.distributed.elastic.multiprocessing.errors import record
 from torchvision.transforms.v2 import functional as F
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .config.schema import Config, load_config
 from .data.build import build_dataset
 from .data.loader import build_val_loader
+from .data.masks import decode_rles
 from .data.transforms import build_transforms
 from .engine import dist
 from .engine.run_files import setup_text_logging
 from .engine.state import load_weights, weights_kind
 from .errors import ElasticDetError, StorageError
 from .evaluation.coco_eval import CocoReport, format_table, run_cocoeval
-from .evaluation.inference import predict
+from .evaluation.inference import predict, predicts_masks
 from .models.build import build_model
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="work dir (newest checkpoint), checkpoint directory, or .pt weights")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. data.val_ann=other.json")
-    p.add_argument("--show-dir", help="write each val image with its predicted boxes as PNG here")
+    p.add_argument("--show-dir", help="write each val image with its predicted boxes (and masks) as PNG here")
     p.add_argument("--score-thr", type=float, default=0.3, help="--show-dir: draw boxes scoring at least this")
-    p.add_argument("--out", help="write the detections as a COCO results JSON file here")
+    p.add_argument("--out", help="write the detections as a COCO results JSON file here (masks as RLE)")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="auto: the averaged weights when the checkpoint has them (ema.enabled), else the raw ones")
     return p.parse_args(argv)
@@ -95,7 +97,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, info: dist.DistInfo, show_
     results = predict(model, dataset, loader, info.device, cfg.train.amp, coco_gt=coco_gt)
     if results is None:
         return None
-    report = run_cocoeval(coco_gt, results, dataset.image_ids)
+    report = run_cocoeval(coco_gt, results, dataset.image_ids, segm=predicts_masks(model) or None)
     print(format_table(report.metrics, report.per_class), flush=True)
     if out:
         _write(out, json.dumps(results).encode())
@@ -111,7 +113,8 @@ def draw_predictions(dataset: Any, results: Sequence[dict[str, Any]], category_n
                      out_dir: str, score_thr: float, image_info: dict[int, dict] | None = None) -> int:
     """Write every image of ``dataset`` with its detections scoring >= ``score_thr`` as PNG into ``out_dir``.
 
-    ``results`` are COCO results in original image coordinates. A file is named after the image's
+    ``results`` are COCO results in original image coordinates; a result's ``segmentation`` (RLE) is drawn
+    as a translucent mask under its box. A file is named after the image's
     ``file_name`` in ``image_info`` (falling back to its id). Returns the number of images written.
     """
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -123,6 +126,12 @@ def draw_predictions(dataset: Any, results: Sequence[dict[str, Any]], category_n
     for index, image_id in enumerate(dataset.image_ids):
         image = _as_uint8_rgb(dataset[index][0])
         dets = by_image.get(image_id, [])
+        masked = [r for r in dets if "segmentation" in r]
+        if masked:
+            height, width = image.shape[-2:]
+            masks = torch.from_numpy(decode_rles([r["segmentation"] for r in masked], height, width)).bool()
+            image = draw_segmentation_masks(image, masks, alpha=0.45,
+                                            colors=[colours.get(r["category_id"], "white") for r in masked])
         if dets:
             boxes = torch.tensor([r["bbox"] for r in dets], dtype=torch.float32)
             boxes[:, 2:] += boxes[:, :2]

@@ -57,12 +57,15 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, overrides_from_args(args))
         if args.amp:
-            from .engine.amp import default_mode
+            from .models.amp import default_mode
 
             cfg.train.amp = default_mode()
         from .engine.trainer import train
+        from .goodput.ledger import Ledger
 
-        preempted = train(cfg, resume=args.resume)
+        # the goodput ledger is a writer of the run's events; the engine itself knows nothing of it
+        ledger = lambda files, info: Ledger(files, world_size=info.world_size)  # noqa: E731
+        preempted = train(cfg, resume=args.resume, writers=[ledger])
     except ElasticDetError as e:
         print(f"elastic_det: error: {e}", file=sys.stderr)
         exit_status.report(e.exit_code, str(e))

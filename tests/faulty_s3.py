@@ -6,6 +6,7 @@
     proxy.add(Fault("stall", method="GET", seconds=30, skip=2, times=1))        # the 3rd GET hangs 30 s
     ...
     proxy.served("503")   # requests answered with that fault so far
+    proxy.bytes_served(r"\\.pt")  # answer body bytes of GETs whose target matches (a counter at S3)
     proxy.stop()
 
 Faults (each applies to the requests whose method and ``method target`` match, after ``skip`` of them
@@ -75,6 +76,7 @@ class Served:
     fault: str  # "" when forwarded unchanged
     start: float
     end: float = 0.0
+    body_bytes: int = 0  # bytes of the store's answer body passed on to the client (what a counter at S3 sees)
 
 
 class FaultyS3:
@@ -135,6 +137,11 @@ class FaultyS3:
         with self._lock:
             return [s for s in self.log if kind is None or s.fault == kind]
 
+    def bytes_served(self, path: str = "", method: str = "GET") -> int:
+        """Answer body bytes passed on so far for requests of ``method`` whose target matches ``path``."""
+        with self._lock:
+            return sum(s.body_bytes for s in self.log if s.method == method and re.search(path, s.target))
+
     def _match(self, method: str, target: str) -> Fault | None:
         with self._lock:
             for fault in self.faults:
@@ -160,7 +167,7 @@ class FaultyS3:
                 with self._lock:
                     self.log.append(record)
                 try:
-                    keep_open = self._answer(client, reader, head, method, headers, fault)
+                    keep_open = self._answer(client, reader, head, method, headers, fault, record)
                 finally:
                     record.end = time.time()
                 if not keep_open:
@@ -176,7 +183,7 @@ class FaultyS3:
                 pass
 
     def _answer(self, client: socket.socket, reader, head: bytes, method: str, headers: dict[str, str],
-                fault: Fault | None) -> bool:
+                fault: Fault | None, record: Served) -> bool:
         if headers.get("expect", "").lower() == "100-continue":
             client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         if fault is not None and fault.kind == "reset_request":
@@ -198,9 +205,11 @@ class FaultyS3:
             split = response.find(b"\r\n\r\n") + 4
             cut = split + (len(response) - split) // 2 if len(response) > split else split // 2
             client.sendall(response[:cut])
+            record.body_bytes = max(0, cut - split)
             _reset(client)
             return False
         client.sendall(response)
+        record.body_bytes = len(response) - response.find(b"\r\n\r\n") - 4
         return headers.get("connection", "").lower() != "close"
 
     def _forward(self, head: bytes, body: bytes) -> bytes:

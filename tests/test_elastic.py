@@ -458,7 +458,8 @@ def test_epoch_hooks_follow_the_sample_cursor_after_a_batch_size_change():
     from torch import nn
 
     from elastic_det.engine.dist import DistInfo
-    from elastic_det.engine.hook import Hook
+    from elastic_det.engine.events import EventStream
+    from elastic_det.engine.hook import Hook, StepRecord
     from elastic_det.engine.runner import Runner
 
     calls = []
@@ -472,12 +473,13 @@ def test_epoch_hooks_follow_the_sample_cursor_after_a_batch_size_change():
 
     class NoModel(Runner):
         def run_step(self, images, targets, data_time, start):
-            return None
+            return StepRecord(self.step.global_step, self.step.epoch, self.step.indices, {}, 0, 0.0, None,
+                              data_time, 0.0)
 
     cursor = Progress(global_step=7, epoch=0, step_in_epoch=7, sample_offset=14, seed=0)
     schedule = StepSchedule(ElasticBatchPlan(SCALE_N, seed=0, drop_last=False), 4, cursor)
     runner = NoModel(parts=None, model=nn.Identity(), schedule=schedule,
-                     batches=itertools.repeat(([], [])), hooks=[Recorder()],
+                     batches=itertools.repeat(([], [])), hooks=[Recorder()], events=EventStream(),
                      dist_info=DistInfo(0, 1, 0, torch.device("cpu"), 0), progress=cursor, max_steps=16,
                      micro_batch_size=0, amp_mode="none", clip_grad_norm=0.0)
     runner.train()

@@ -14,16 +14,19 @@ import torch
 from elastic_det.checkpoint.store import CheckpointStore
 from elastic_det.config.schema import CheckpointConfig
 from elastic_det.data.plan import ElasticBatchPlan, Progress, StepSchedule, split_share
+from elastic_det.engine.checkpointer import Checkpointer
 from elastic_det.engine.dist import DistInfo
+from elastic_det.engine.events import Event, EventStream
 from elastic_det.engine.hook import EvalRecord, Hook, StepRecord
 from elastic_det.engine.hooks.checkpoint import CheckpointHook
 from elastic_det.engine.hooks.evaluation import EvalHook
 from elastic_det.engine.hooks.logger import LoggerHook
 from elastic_det.engine.hooks.trace import TraceHook, next_attempt_path
 from elastic_det.engine.preemption import PreemptionFlag
-from elastic_det.engine.run_files import MetricsLog, RunFiles
+from elastic_det.engine.run_files import RunFiles
 from elastic_det.engine.runner import Runner
 from elastic_det.engine.state import TrainingParts
+from elastic_det.engine.writers import ConsoleWriter, MetricsWriter
 from elastic_det.errors import StorageError, StorageUnavailableError, WorkDirOwnedError
 from elastic_det.storage import WorkDir
 
@@ -70,9 +73,12 @@ class FakeRunner:
         self.progress = Progress(global_step=index + 1, step_in_epoch=index + 1, sample_offset=(index + 1) * samples)
 
 
-def files_in(tmp_path: Path) -> tuple[RunFiles, MetricsLog]:
+def files_in(tmp_path: Path) -> tuple[RunFiles, EventStream]:
+    """Rank 0's files and an event stream with the ``metrics.jsonl`` writer subscribed (and open)."""
     files = RunFiles(WorkDir(str(tmp_path)), enabled=True)
-    return files, MetricsLog(files)
+    events = EventStream()
+    events.subscribe(MetricsWriter(files)).open()
+    return files, events
 
 
 def records(tmp_path: Path) -> list[dict]:
@@ -86,7 +92,7 @@ def records(tmp_path: Path) -> list[dict]:
 
 def test_logger_averages_over_the_interval_weighted_by_samples_and_keeps_sums_on_the_device(tmp_path):
     files, metrics = files_in(tmp_path)
-    hook = LoggerHook(metrics, interval=2, progress_bar="never", tensorboard_dir=None, is_main=True)
+    hook = LoggerHook(metrics, interval=2, is_main=True)
     runner = FakeRunner(max_steps=5)
     hook.before_run(runner)
     runner.finish_step({"loss_a": 1.0, "loss_b": 10.0}, samples=1)
@@ -110,13 +116,15 @@ def test_logger_averages_over_the_interval_weighted_by_samples_and_keeps_sums_on
 
 def test_logger_on_another_rank_writes_nothing(tmp_path):
     files, metrics = files_in(tmp_path)
-    hook = LoggerHook(metrics, interval=1, progress_bar="always", tensorboard_dir=None, is_main=False)
+    console = metrics.subscribe(ConsoleWriter(progress_bar="always", is_main=False))
+    hook = LoggerHook(metrics, interval=1, is_main=False)
     runner = FakeRunner(max_steps=1)
+    metrics.publish("loop_start", 0, max_steps=1)
     hook.before_run(runner)
     runner.finish_step({"loss": 1.0})
     hook.after_step(runner)
     hook.close()
-    assert records(tmp_path) == [] and hook._bar is None
+    assert records(tmp_path) == [] and console._bar is None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ def test_eval_hook_runs_at_its_interval_and_at_the_end_once_per_step(tmp_path):
         seen.append(model)
         return {"bbox_mAP": 0.1 * len(seen)}
 
-    hook = EvalHook(evaluate, interval=2, metrics=metrics, format_table=str)
+    hook = EvalHook(evaluate, interval=2, events=metrics, format_table=str)
     runner = FakeRunner(max_steps=4)
     for _ in range(4):
         runner.finish_step({"loss": 1.0})
@@ -147,7 +155,7 @@ def test_eval_hook_runs_at_its_interval_and_at_the_end_once_per_step(tmp_path):
 
 def test_eval_hook_skips_the_final_evaluation_after_a_preemption(tmp_path):
     files, metrics = files_in(tmp_path)
-    hook = EvalHook(lambda model: {"bbox_mAP": 1.0}, interval=0, metrics=metrics, format_table=str)
+    hook = EvalHook(lambda model: {"bbox_mAP": 1.0}, interval=0, events=metrics, format_table=str)
     runner = FakeRunner(max_steps=4)
     runner.finish_step({"loss": 1.0})
     runner.request_stop("preempt")
@@ -157,7 +165,7 @@ def test_eval_hook_skips_the_final_evaluation_after_a_preemption(tmp_path):
 
 def test_eval_hook_on_another_rank_records_an_empty_evaluation(tmp_path):
     files, metrics = files_in(tmp_path)
-    hook = EvalHook(lambda model: None, interval=1, metrics=metrics, format_table=str)
+    hook = EvalHook(lambda model: None, interval=1, events=metrics, format_table=str)
     runner = FakeRunner(max_steps=3)
     runner.finish_step({"loss": 1.0})
     hook.after_step(runner)
@@ -169,12 +177,19 @@ def test_eval_hook_on_another_rank_records_an_empty_evaluation(tmp_path):
 
 
 def checkpoint_hook(tmp_path: Path, work: Path | None = None, **cfg: Any) -> tuple[CheckpointHook, PreemptionFlag]:
-    files, metrics = files_in(tmp_path)
+    files, events = files_in(tmp_path)
     store = CheckpointStore(WorkDir(str(work or tmp_path)), keep_last=0)
     preempt = PreemptionFlag()
-    hook = CheckpointHook(store, CheckpointConfig(**cfg), preempt, metrics, files, meta={"config_hash": "x"},
-                          is_main=True, on_saved=lambda *args: saved.append(args))
+    config = CheckpointConfig(**cfg)
+    checkpointer = Checkpointer(store, events, meta={"config_hash": "x"}, is_main=True, async_save=config.async_save)
+    hook = CheckpointHook(checkpointer, config, preempt, events)
     saved: list[tuple] = []
+
+    def outcome(event: Event) -> None:
+        if event.kind in ("checkpoint", "checkpoint_failed"):
+            saved.append((event.step, event.fields["reason"], event.fields["seconds"], event.kind == "checkpoint"))
+
+    events.subscribe(outcome)
     hook.saved = saved
     return hook, preempt
 
@@ -235,7 +250,7 @@ def test_a_newer_checkpoint_by_another_writer_stops_the_run_at_once(tmp_path):
     hook.before_run(runner)
     runner.finish_step({"loss": 1.0}, hooks=(hook,))
     hook.after_step(runner)  # the refused save
-    assert hook.failures == 0  # not an ordinary failed save
+    assert hook.checkpointer.failures == 0  # not an ordinary failed save
     runner.finish_step({"loss": 1.0}, hooks=(hook,))
     with pytest.raises(WorkDirOwnedError) as info:
         hook.after_step(runner)
@@ -262,7 +277,7 @@ def test_async_save_in_flight_is_waited_for_by_close(tmp_path):
     runner.finish_step({"loss": 1.0}, hooks=(hook,))
     hook.after_step(runner)
     hook.close()
-    assert not hook.saver.in_flight()
+    assert not hook.checkpointer.saver.in_flight()
     assert CheckpointStore(WorkDir(str(tmp_path))).committed_steps() == [1]
 
 
@@ -308,7 +323,7 @@ class Recorder(Hook):
         self.log.append(f"{self.name}.close")
 
 
-def tiny_runner(hooks: list[Hook], max_steps: int = 3) -> Runner:
+def tiny_runner(hooks: list[Hook], max_steps: int = 3, published: list[Event] | None = None) -> Runner:
     model = torch.nn.Linear(2, 1)
 
     class Detector(torch.nn.Module):
@@ -326,14 +341,19 @@ def tiny_runner(hooks: list[Hook], max_steps: int = 3) -> Runner:
     plan = ElasticBatchPlan(8, seed=0)
     schedule = StepSchedule(plan, 4, Progress())
     batches = iter([([torch.ones(3, 2, 2)] * 4, [{}] * 4)] * max_steps)
+    events = EventStream()
+    if published is not None:
+        events.subscribe(published.append)
     return Runner(parts=TrainingParts(detector, optimizer, scheduler, None), model=detector, schedule=schedule,
-                  batches=batches, hooks=hooks, dist_info=WORLD_1, progress=Progress(), max_steps=max_steps,
+                  batches=batches, hooks=hooks, events=events, dist_info=WORLD_1, progress=Progress(),
+                  max_steps=max_steps,
                   micro_batch_size=2, amp_mode="none", clip_grad_norm=1.0)
 
 
 def test_runner_steps_the_optimizer_and_schedule_and_calls_hooks_in_order():
     log: list[str] = []
-    runner = tiny_runner([Recorder(log, "a"), Recorder(log, "b")], max_steps=3)
+    published: list[Event] = []
+    runner = tiny_runner([Recorder(log, "a"), Recorder(log, "b")], max_steps=3, published=published)
     before = runner.parts.model.inner.weight.detach().clone()
     runner.train()
     assert runner.progress.global_step == 3 and runner.stop_reason is None
@@ -345,14 +365,20 @@ def test_runner_steps_the_optimizer_and_schedule_and_calls_hooks_in_order():
     assert log[:4] == ["a.before_run", "b.before_run", "a.before_epoch", "b.before_epoch"]
     assert log[4:8] == ["a.before_step", "b.before_step", "a.after_step", "b.after_step"]
     assert log[-4:] == ["a.after_run", "b.after_run", "a.close", "b.close"]
+    # the runner publishes the loop's own events: its start, each step, its end
+    assert [(e.kind, e.step) for e in published] == [("loop_start", 0), ("step", 1), ("step", 2), ("step", 3),
+                                                      ("run_end", 3)]
+    assert published[0].fields["max_steps"] == 3 and published[-1].fields == {"how": "done", "error": None}
     state = runner.state_dict()
     assert state["progress"]["global_step"] == 3 and set(state) >= {"model", "optimizer", "scheduler", "hooks"}
 
 
 def test_runner_closes_every_hook_after_an_exception_and_skips_after_run():
     log: list[str] = []
-    runner = tiny_runner([Recorder(log, "a", fail_at=2), Recorder(log, "b")], max_steps=3)
+    published: list[Event] = []
+    runner = tiny_runner([Recorder(log, "a", fail_at=2), Recorder(log, "b")], max_steps=3, published=published)
     with pytest.raises(RuntimeError, match="hook failed"):
         runner.train()
     assert log[-2:] == ["a.close", "b.close"]
+    assert published[-1].kind == "run_end" and published[-1].fields == {"how": "failed", "error": "RuntimeError"}
     assert not any(entry.endswith("after_run") for entry in log)

@@ -189,7 +189,8 @@ CASES = [(name, version) for name in MANIFESTS for version in claimed_versions(n
 
 
 def test_the_manifests_are_there():
-    assert {"indexed-job.yaml", "pytorchjob.yaml", "trainjob.yaml", "serviceaccount.yaml"} <= set(MANIFESTS)
+    assert {"indexed-job.yaml", "pytorchjob.yaml", "trainjob.yaml", "serviceaccount.yaml",
+            "rdzv-store.yaml"} <= set(MANIFESTS)
 
 
 @pytest.mark.parametrize("name, version", CASES, ids=[f"{n}-k8s{v}" for n, v in CASES])
@@ -215,6 +216,8 @@ POKES = [
     ("pytorchjob.yaml", "PyTorchJob", ["spec", "elasticPolicy"]),
     ("pytorchjob.yaml", "PyTorchJob", ["spec", "pytorchReplicaSpecs", "Worker", "template", "spec"]),
     ("trainjob.yaml", "TrainJob", ["spec", "trainer"]),
+    ("rdzv-store.yaml", "Deployment", ["spec", "template", "spec", "containers", 0]),
+    ("rdzv-store.yaml", "PodDisruptionBudget", ["spec"]),
     ("trainjob.yaml", "TrainingRuntime", ["spec", "template", "spec", "failurePolicy"]),
     ("trainjob.yaml", "TrainingRuntime",
      ["spec", "template", "spec", "replicatedJobs", 0, "template", "spec", "template", "spec", "containers", 0]),
@@ -352,7 +355,10 @@ def test_indexed_job_rendezvous_and_service():
     assert pod["subdomain"] == svc["metadata"]["name"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert int(env["MAX_NODES"]["value"]) == spec["parallelism"]
-    assert env["RDZV_HOST"]["value"] == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
+    # the default (RDZV_MODE=external) is the store's Service; pod 0 is the name first-node mode documents
+    assert env["RDZV_MODE"]["value"] == "external"
+    assert env["RDZV_HOST"]["value"] == _store()["Service"]["metadata"]["name"]
+    assert f"{job['metadata']['name']}-0.{svc['metadata']['name']}" in (K8S / "indexed-job.yaml").read_text()
     script = pod["containers"][0]["args"][0]
     shutdown = int(re.search(r"--shutdown-timeout=(\d+)", script).group(1))
     assert pod["terminationGracePeriodSeconds"] > shutdown >= 60
@@ -394,3 +400,61 @@ def test_trainjob_uses_its_runtime_at_a_fixed_size():
     assert container["command"][-1].endswith("launch/elastic_run.sh")
     args = trainjob["spec"]["trainer"]["args"]
     assert args[:2] == ["-m", "elastic_det.train"] and args[args.index("--work-dir") + 1].startswith("s3://")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The external rendezvous store: the default for preemptible capacity
+
+
+def _store() -> dict[str, dict]:
+    return {d["kind"]: d for d in load("rdzv-store.yaml")}
+
+
+def test_the_store_is_one_guarded_pod_behind_its_service():
+    store = _store()
+    deployment, service, pdb = store["Deployment"], store["Service"], store["PodDisruptionBudget"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items() and pdb["spec"]["minAvailable"] == 1
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[command.index("-m") + 1] == "elastic_det.store"
+    port = int(command[command.index("--port") + 1])
+    assert service["spec"]["ports"][0]["targetPort"] == port == container["ports"][0]["containerPort"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["capabilities"] == {
+        "drop": ["ALL"]}
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]  # on-demand nodes
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]
+
+
+def _indexed_job_command(index: int, **env: str) -> str:
+    """The Indexed Job's container script, run by bash with elastic_run.sh replaced by echo."""
+    import subprocess
+
+    (job,) = [d for d in load("indexed-job.yaml") if d["kind"] == "Job"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    values = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    script = container["args"][0].replace("exec /opt/elastic_det/launch/elastic_run.sh", "echo")
+    run_env = {"PATH": "/usr/bin:/bin", **values, "RDZV_ID": "uid", "JOB_COMPLETION_INDEX": str(index), **env}
+    return subprocess.run(["bash", "-c", script], env=run_env, capture_output=True, text=True, check=True).stdout
+
+
+def test_the_launch_files_meet_at_the_external_store_by_default():
+    service = _store()["Service"]
+    endpoint = f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    for index in (0, 1):  # pod 0 included: no pod hosts the store
+        line = _indexed_job_command(index)
+        assert f"--rdzv-endpoint={endpoint}" in line and "is_host=0" in line, line
+    first_node = _indexed_job_command(0, RDZV_MODE="first-node", RDZV_HOST="elastic-det-0.elastic-det")
+    assert "is_host=1" in first_node and "elastic-det-0.elastic-det:29400" in first_node
+    assert "is_host=0" in _indexed_job_command(1, RDZV_MODE="first-node")
+
+    runtime = next(d for d in load("trainjob.yaml") if d["kind"] == "TrainingRuntime")
+    node = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in node["containers"][0]["env"]}
+    assert env["PET_RDZV_BACKEND"]["value"] == "c10d" and env["PET_RDZV_ENDPOINT"]["value"] == endpoint
+    assert "is_host=false" in env["PET_RDZV_CONF"]["value"].split(",")
+    assert "uid" in env["PET_RDZV_ID"]["valueFrom"]["fieldRef"]["fieldPath"]  # unique per TrainJob

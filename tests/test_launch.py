@@ -387,9 +387,11 @@ def _env(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
-@pytest.mark.parametrize("index, is_host", [("0", "1"), ("1", "0")])
-def test_indexed_job_script_builds_the_launcher_command(launcher, procs, tmp_path, index, is_host):
-    """The container script of the Indexed Job, run here: pod 0 hosts the store, the others connect to it."""
+@pytest.mark.parametrize("mode, index, is_host", [("external", "0", "0"), ("external", "1", "0"),
+                                                  ("first-node", "0", "1"), ("first-node", "1", "0")])
+def test_indexed_job_script_builds_the_launcher_command(launcher, procs, tmp_path, mode, index, is_host):
+    """The container script of the Indexed Job, run here: by default no pod hosts the store (the external
+    store's Service); in first-node mode pod 0 hosts it and the others connect to it."""
     home, rec = launcher
     job = next(d for d in load_manifest("indexed-job.yaml") if d["kind"] == "Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
@@ -397,13 +399,16 @@ def test_indexed_job_script_builds_the_launcher_command(launcher, procs, tmp_pat
     for name, item in _env(container).items():
         if "value" in item:
             env[name] = item["value"]
+    if mode == "first-node":
+        env.update(RDZV_MODE=mode, RDZV_HOST="elastic-det-0.elastic-det")
+    host = "elastic-det-store" if mode == "external" else "elastic-det-0.elastic-det"
     script = _indexed_job_script().replace("/opt/elastic_det/", f"{home}/")
     log = tmp_path / "pod.log"
     proc = procs.start(["bash", "-c", script], env, log)
     assert finish(proc, 60, log) == 0, tail(log)
     (got,) = launched(rec)
     argv = got["argv"]
-    assert flag(argv, "--rdzv-endpoint") == "elastic-det-0.elastic-det:29400"
+    assert flag(argv, "--rdzv-endpoint") == f"{host}:29400"
     assert flag(argv, "--rdzv-id") == "uid-1234"
     assert flag(argv, "--nnodes") == f"{env['MIN_NODES']}:{env['MAX_NODES']}"
     assert flag(argv, "--rdzv-conf").endswith(f",is_host={is_host}")
@@ -634,8 +639,41 @@ def test_sbatch_port_moves_on_when_the_jobs_port_is_taken(launcher, procs, tmp_p
         proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_MODE="exit:0")
         assert finish(proc, 30, log) == 0, tail(log)
     argv = launched(rec, tasks=2)[0]["argv"]
-    assert flag(argv, "--rdzv-endpoint") == f"node01:{PORT + 1}"
+    # a step of 7919, not 1: PORT + 1 is the first port of the next job id, which may share the node
+    assert flag(argv, "--rdzv-endpoint") == f"node01:{15000 + (PORT - 15000 + 7919) % 15000}"
     assert f"port {PORT} is taken" in log.read_text()
+
+
+def test_sbatch_with_an_external_store_no_node_hosts_it(launcher, procs, tmp_path):
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_MODE="exit:0",
+                             STORE_HOST="login01:29411")
+    assert finish(proc, 30, log) == 0, tail(log)
+    for got in launched(rec, tasks=2):  # the first node included
+        argv = got["argv"]
+        assert flag(argv, "--rdzv-endpoint") == "login01:29411"
+        assert flag(argv, "--rdzv-conf").endswith(",is_host=0")
+    text = log.read_text()
+    assert "external store login01:29411" in text and "is taken" not in text
+    assert "done: training is done" in text and "not requeueing" not in text
+
+
+def test_sbatch_workers_see_the_shutdown_timeout_torchrun_gets(launcher, procs, tmp_path):
+    _, rec = launcher
+    proc, log = start_sbatch(procs, launcher, tmp_path, "default", STANDIN_MODE="exit:0", GRACE_SECONDS="60")
+    assert finish(proc, 30, log) == 0, tail(log)
+    got = launched(rec, tasks=2)[0]
+    assert flag(got["argv"], "--shutdown-timeout") == got["env"]["PET_SHUTDOWN_TIMEOUT"] == "48"
+
+
+def test_sbatch_without_gpus_or_nproc_is_bad_input_said_once(launcher, tmp_path):
+    env = slurm_env(launcher)
+    del env["SLURM_GPUS_ON_NODE"]
+    result = subprocess.run(["bash", str(SBATCH), "default"], env=env, capture_output=True, text=True, timeout=30,
+                            cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("NPROC_PER_NODE") == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert calls(launcher[1], "srun") == []
 
 
 def test_sbatch_ports_of_two_jobs_differ_over_a_wide_range():

@@ -158,7 +158,7 @@ def test_checkpoint_hook_stops_every_rank_after_a_refused_async_save(tmp_path):
     hook.before_run(runner)
     runner.finish_step({"loss": 1.0}, hooks=(hook,))
     hook.after_step(runner)  # submits the save of step 1; the save thread refuses it
-    hook.saver.wait()
+    hook.checkpointer.wait()
     runner.finish_step({"loss": 1.0}, hooks=(hook,))  # its flags carry the refusal to every rank
     with pytest.raises(NonFiniteStateError):
         hook.after_step(runner)

@@ -17,8 +17,9 @@ from PIL import Image
 
 from elastic_det.engine.run_files import RunFiles
 from elastic_det.goodput.history import read_history
-from elastic_det.goodput.ledger import LEDGER, Ledger
+from elastic_det.goodput.ledger import Ledger
 from elastic_det.goodput.report import build_report, main
+from elastic_det.records import LEDGER
 from elastic_det.storage import WorkDir
 
 T = 1_800_000_000.0
@@ -409,51 +410,71 @@ def test_async_save_outcome_and_sync_outcome_through_saved(tmp_path):
     assert [(r["step"], r["committed"]) for r in records if r["kind"] == "saved"] == [(2, True)]
 
 
-class _Progress:
-    def __init__(self, step: int) -> None:
-        self.global_step = step
-
-
-class _Runner:
-    """What GoodputHook reads of the runner: ``progress.global_step`` and ``max_steps``, nothing else."""
-
-    def __init__(self, step: int, max_steps: int) -> None:
-        self.progress = _Progress(step)
-        self.max_steps = max_steps
-
-
 @pytest.mark.parametrize("outcome", ["done", "preempted", "failed"])
-def test_goodput_hook_writes_steps_and_how_the_attempt_ended(tmp_path, outcome):
-    import signal
-
-    from elastic_det.engine.hooks.goodput import GoodputHook
-    from elastic_det.engine.preemption import PreemptionFlag
+def test_the_ledger_as_a_writer_of_the_event_stream_records_steps_and_how_the_attempt_ended(tmp_path, outcome):
+    """The events the runner and the checkpoint hook publish (loop_start, step, preempt, run_end) become
+    the ledger's train_start, steps and end records."""
+    from elastic_det.engine.events import EventStream
 
     files = RunFiles(WorkDir(str(tmp_path)), enabled=True)
-    flag = PreemptionFlag()
-    hook = GoodputHook(Ledger(files, attempt_id="h"), flag)
-    runner = _Runner(10, 13)
-    hook.before_run(runner)
+    events = EventStream()
+    events.subscribe(Ledger(files, attempt_id="h"))
+    step = 10
+    events.publish("loop_start", step, max_steps=13)
     for _ in range(3 if outcome == "done" else 2):
-        runner.progress.global_step += 1
-        hook.after_step(runner)
-    if outcome == "failed":
-        try:
-            raise RuntimeError("peer gone")
-        except RuntimeError:
-            hook.close()  # as in the runner's finally, with the exception on its way out
-    else:
-        if outcome == "preempted":
-            flag._handle(signal.SIGTERM, None)  # what the installed handler does on SIGTERM
-        hook.after_run(runner)
-        hook.close()
+        step += 1
+        events.publish("step", step, step_time=0.1, data_time=0.0, world_size=1)
+    if outcome == "preempted":
+        events.publish("preempt", step, signal="SIGTERM", world_size=1)
+    events.publish("run_end", step, how=outcome, error="RuntimeError" if outcome == "failed" else None)
+    events.publish("run_end", -1, how="failed", error="RuntimeError")  # the trainer's fallback: ignored
     files.close()
     records = [json.loads(line) for line in (tmp_path / LEDGER).read_text().splitlines()]
     end = records[-1]
-    assert end["kind"] == "end" and end["how"] == outcome and end["last_step"] == runner.progress.global_step
-    assert [(r["first"], r["last"]) for r in records if r["kind"] == "steps"] == [(10, runner.progress.global_step)]
+    assert [r["kind"] for r in records].count("end") == 1
+    assert end["kind"] == "end" and end["how"] == outcome and end["last_step"] == step
+    assert [(r["first"], r["last"]) for r in records if r["kind"] == "steps"] == [(10, step)]
     assert end.get("error") == ("RuntimeError" if outcome == "failed" else None)
     assert end.get("signal") == ("SIGTERM" if outcome == "preempted" else None)
+
+
+def test_the_ledger_times_checkpoints_and_evaluations_from_their_events(tmp_path):
+    """checkpoint_start/end around a sync save (its outcome inside: committed), an async one (pending, then
+    a ``saved`` record), and eval_start/end: each a record with its seconds, excluded from step time."""
+    from elastic_det.engine.events import EventStream
+
+    clock = Clock(1000.0)
+    files = RunFiles(WorkDir(str(tmp_path)), enabled=True)
+    events = EventStream()
+    events.subscribe(Ledger(files, attempt_id="t", clock=clock))
+    events.publish("loop_start", 0, max_steps=4)
+    clock.t += 1
+    events.publish("step", 1)
+    events.publish("checkpoint_start", 1, reason="interval")
+    clock.t += 2
+    events.publish("checkpoint", 1, reason="interval", seconds=2.0, path="x")
+    events.publish("checkpoint_end", 1, reason="interval", seconds=2.0, committed=True, pending=False)
+    clock.t += 1
+    events.publish("step", 2)
+    events.publish("checkpoint_start", 2, reason="interval")
+    clock.t += 0.5
+    events.publish("checkpoint_end", 2, reason="interval", seconds=0.5, committed=None, pending=True)
+    events.publish("eval_start", 2)
+    clock.t += 3
+    events.publish("eval_end", 2, seconds=3.0)
+    events.publish("checkpoint", 2, reason="interval", seconds=4.0, path="y")  # the async save's outcome
+    clock.t += 1
+    events.publish("step", 3)
+    events.publish("run_end", 3, how="done", error=None)
+    files.close()
+    records = [json.loads(line) for line in (tmp_path / LEDGER).read_text().splitlines()]
+    saves = [(r["step"], r["seconds"], r.get("committed"), r.get("pending")) for r in records
+             if r["kind"] == "checkpoint"]
+    assert saves == [(1, 2.0, True, None), (2, 0.5, None, True)]
+    assert [(r["step"], r["seconds"]) for r in records if r["kind"] == "eval"] == [(2, 3.0)]
+    assert [(r["step"], r["committed"]) for r in records if r["kind"] == "saved"] == [(2, True)]
+    steps = [r for r in records if r["kind"] == "steps"]
+    assert sum(r["seconds"] for r in steps) == pytest.approx(3.0)  # 1 + 1 + 1: saves and evaluation excluded
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ..storage import STORAGE_FAILURES, WorkDir, describe_error, storage_error
 from ..storage.hashing import CRC32_ZIP
 from .finite import check_finite
 from .manifest import Manifest, versions
+from .node_copy import NodeCopies
 from .reclaim import Reclaimer
 from .retention import steps_to_keep
 from .verify import InvalidCheckpoint, read_unverified, read_verified
@@ -72,11 +73,13 @@ class CheckpointStore:
     Retention after each commit keeps the newest ``keep_last`` (0 = all), every step divisible by
     ``keep_every`` (0 = off), and the best by ``manifest.metrics[keep_best]`` (higher is better; prefix
     ``min:`` for lower-is-better metrics such as ``min:loss``). ``on_event`` receives fallback events.
+    ``node_copies``: where the data of a checkpoint on an object store is copied for the node's other ranks.
     """
 
     def __init__(self, work_dir: WorkDir, keep_last: int = 2, keep_every: int = 0, keep_best: str = "",
-                 on_event: Callable[[dict], None] = lambda event: None):
+                 on_event: Callable[[dict], None] = lambda event: None, node_copies: NodeCopies | None = None):
         self.work_dir = work_dir
+        self.node_copies = node_copies  # remote checkpoints read once per node (node_copy.py)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.keep_best = keep_best
@@ -336,7 +339,10 @@ class CheckpointStore:
             raise InvalidCheckpoint(str(e)) from None
         if step is not None and manifest.step != step:
             raise InvalidCheckpoint(f"{MANIFEST} says step {manifest.step}, the directory is step {step}")
-        state = read_verified(wd, prefix + manifest.data, manifest, map_location)
+        if self.node_copies is not None and self.node_copies.enabled and not wd.is_local:
+            state = self.node_copies.read_verified(wd, prefix + manifest.data, manifest, map_location)
+        else:
+            state = read_verified(wd, prefix + manifest.data, manifest, map_location)
         if not isinstance(state, dict):
             raise InvalidCheckpoint(f"the data holds a {type(state).__name__}, not a state dict")
         return Checkpoint(manifest=manifest, location=wd.path(rel), state=state)

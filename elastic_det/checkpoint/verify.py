@@ -18,7 +18,7 @@ from ..storage.hashing import CRC32_CHUNKED, CRC32_ZIP, CRC_CHUNK, SHA256, Diges
 from .manifest import Manifest
 
 _READ_CHUNK = 8 << 20
-_HEAD = 16
+HEAD = 16
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save before 1.6: pickled magic number
 _GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
@@ -48,10 +48,34 @@ def read_verified(wd: WorkDir, relpath: str, manifest: Manifest, map_location: A
                                 f"{manifest.size} (truncated or replaced)")
     state, digest = read_unverified(wd, relpath, map_location, expected_size=size, hash_alg=manifest.hash_alg,
                                     recorded=manifest.digest)
+    check_digest(digest, manifest)
+    return state
+
+
+def check_digest(digest: str, manifest: Manifest) -> None:
+    """:class:`InvalidCheckpoint` naming where the data differs when ``digest`` is not the manifest's."""
     if digest != manifest.digest:
         raise InvalidCheckpoint(f"data object {manifest.data} does not match its {manifest.hash_alg} "
                                 f"{_mismatch(digest, manifest)} (corrupted)")
-    return state
+
+
+def digest_bytes(blob: bytes, manifest: Manifest) -> str:
+    """The digest of ``blob`` by the manifest's algorithm."""
+    hasher = new_digest(manifest.hash_alg, manifest.digest, len(blob))
+    hasher.update(blob)
+    return hasher.hexdigest()
+
+
+def load_weights_only(source: Any, head: bytes, map_location: Any) -> Any:
+    """``torch.load(source, weights_only=True)``; :class:`InvalidCheckpoint` saying what a refused file holds.
+    Call it only after the digest was compared."""
+    import torch  # here, not at the top: the supervisor lists manifests without importing torch
+
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+            IndexError, UnicodeDecodeError, OSError) as e:  # what torch.load raises for bad content
+        raise InvalidCheckpoint(describe_refusal(e, head)) from None
 
 
 def _mismatch(found: str, manifest: Manifest) -> str:
@@ -92,18 +116,11 @@ def read_unverified(wd: WorkDir, relpath: str, map_location: Any, expected_size:
                                               f"of its {expected_size} bytes (retryable)")
             hasher = new_digest(hash_alg, recorded, len(blob))
             hasher.update(blob)
-            digest, head = hasher.hexdigest(), blob[:_HEAD]
+            digest, head = hasher.hexdigest(), blob[:HEAD]
             source = io.BytesIO(blob)
     except (OSError, StorageError) as e:
         raise InvalidCheckpoint(f"cannot read {relpath}: {describe_error(e)}") from None
-    import torch  # here, not at the top: the supervisor lists manifests without importing torch
-
-    try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,
-            IndexError, UnicodeDecodeError, OSError) as e:  # what torch.load raises for bad content
-        raise InvalidCheckpoint(describe_refusal(e, head)) from None
-    return state, digest
+    return load_weights_only(source, head, map_location), digest
 
 
 def describe_refusal(error: BaseException, head: bytes) -> str:
@@ -150,6 +167,6 @@ def digest_file(path: str, digest: Digest) -> tuple[str, bytes]:
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
             if not head:
-                head = bytes(view[:_HEAD])[:n]
+                head = bytes(view[:HEAD])[:n]
             digest.update(view[:n])
     return digest.hexdigest(), head

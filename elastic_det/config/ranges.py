@@ -1,7 +1,7 @@
 """The valid range of every numeric config key, checked by ``config.load_config``.
 
 A key ending in ``[]`` means each item of a list. Cross-key rules (max_size >= min_size, ...) live with the
-other checks in ``config._check_values``.
+other checks in ``config.rules``.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from .output import config_hash, diff, to_dict, to_public_dict, to_yaml, yaml_key
 from .ranges import RANGES
 from .redaction import REDACTED
+from .rules import MASK_MODELS, check_rules
 
 __all__ = ["Config", "ConfigError", "config_hash", "diff", "get_key", "load_config", "to_dict",
            "to_public_dict", "to_yaml"]
@@ -91,14 +92,16 @@ class DataConfig:
     num_workers: int = 2
     val_batch_size: int = 8
     trace: bool = False  # rank 0 writes WORK_DIR/trace/attempt-K.jsonl, the ids of every global step
+    masks: bool | None = None  # load COCO segmentations as instance masks; null = when model.type predicts them
     train_transforms: TransformConfig = field(default_factory=lambda: TransformConfig(flip_prob=0.5))
     val_transforms: TransformConfig = field(default_factory=TransformConfig)
 
 
 @dataclass
 class ModelConfig:
-    type: str = "tiny_fcos"  # tiny_fcos | tiny_retinanet | faster_rcnn_r50_fpn | retinanet_r50_fpn |
-    # fcos_r50_fpn | ssdlite320_mobilenet_v3 | package.module:function
+    type: str = "tiny_fcos"  # tiny_fcos | tiny_retinanet | tiny_mask_rcnn | faster_rcnn_r50_fpn |
+    # retinanet_r50_fpn | fcos_r50_fpn | ssdlite320_mobilenet_v3 | maskrcnn_resnet50_fpn |
+    # maskrcnn_resnet50_fpn_v2 | package.module:function
     num_classes: int = 0  # 0 = from the dataset
     weights: str = ""  # torchvision weights name, e.g. FasterRCNN_ResNet50_FPN_Weights.COCO_V1
     weights_backbone: str = ""  # e.g. ResNet50_Weights.IMAGENET1K_V1
@@ -200,6 +203,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        # data.masks: null is derived here, where the model type is known: the dataset builders only see
+        # cfg.data, and the run's config.yaml then records what was loaded.
+        if self.data.masks is None:
+            self.data.masks = self.model.type in MASK_MODELS
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -359,29 +368,7 @@ def _check_values(cfg: Config) -> None:
             if not valid.contains(value):
                 name = f"{key[:-2]}[{i}]" if key.endswith("[]") else key
                 raise ConfigError(f"Config key '{name}' is {value!r}; it must be {valid.describe()}.")
-    if cfg.train.max_steps == 0 and cfg.train.max_epochs == 0:
-        raise ConfigError("Set train.max_steps or train.max_epochs (both are 0).")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError(f"Config key 'optimizer.betas' must hold two numbers, got {cfg.optimizer.betas!r}.")
-    if cfg.model.width % 32:
-        raise ConfigError(f"Config key 'model.width' is {cfg.model.width}; it must be a multiple of 32 (the "
-                          "heads' GroupNorm has 32 groups).")
-    if cfg.model.max_size < cfg.model.min_size:
-        raise ConfigError(f"Config key 'model.max_size' ({cfg.model.max_size}) is smaller than 'model.min_size' "
-                          f"({cfg.model.min_size}).")
-    if cfg.schedule.milestones != sorted(cfg.schedule.milestones):
-        raise ConfigError(f"Config key 'schedule.milestones' must be increasing, got {cfg.schedule.milestones}.")
-    stalled_save = 8 * cfg.checkpoint.timeout_seconds + 10  # two failing requests of a save, each retried
-    remote = "://" in cfg.work_dir and not cfg.work_dir.startswith("file://")
-    if remote and stalled_save >= cfg.dist.timeout_seconds:
-        raise ConfigError(f"dist.timeout_seconds={cfg.dist.timeout_seconds:g} must exceed the longest save on a "
-                          f"stalled store (8 x checkpoint.timeout_seconds + 10 = {stalled_save:g} s): the other "
-                          "ranks wait for rank 0's save in a collective. Raise dist.timeout_seconds or lower "
-                          "checkpoint.timeout_seconds.")
-    if cfg.data.group_by_aspect_ratio and cfg.elastic.batch_policy == "scale_lr":
-        raise ConfigError("data.group_by_aspect_ratio needs elastic.batch_policy=fixed_global: grouped "
-                          "global batches have a fixed size.")
-
+    check_rules(cfg)
 
 def get_key(cfg: Any, dotted: str) -> Any:
     """``get_key(cfg, "data.global_batch_size")``."""

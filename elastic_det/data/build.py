@@ -37,7 +37,8 @@ def build_dataset(cfg: DataConfig, split: str, source: DataSource | None = None)
     if cfg.type == "shapes":
         root = ensure_shapes(cfg.shapes)
         return CocoDataset(os.path.join(root, split), os.path.join(root, "annotations", f"{split}.json"),
-                           filter_empty=filter_empty, source=DataSource())  # tiny: not worth a cache entry
+                           filter_empty=filter_empty, source=DataSource(),  # tiny: not worth a cache entry
+                           masks=bool(cfg.masks))
     if cfg.type == "coco":
         ann_key = "train_ann" if train else "val_ann"
         ann_file = getattr(cfg, ann_key)
@@ -46,7 +47,7 @@ def build_dataset(cfg: DataConfig, split: str, source: DataSource | None = None)
         if not cfg.root:
             raise DataError("data.type is coco but data.root (the image folder) is not set.")
         image_root = cfg.root if train else (cfg.val_root or cfg.root)
-        return CocoDataset(image_root, ann_file, filter_empty=filter_empty, source=source)
+        return CocoDataset(image_root, ann_file, filter_empty=filter_empty, source=source, masks=bool(cfg.masks))
     if cfg.type == "voc":
         if not cfg.root:
             raise DataError("data.type is voc but data.root (the VOC folder) is not set.")

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import DataError
 from .index import AnnotationIndex, Strings
 from .indexed import IndexedDataset
+from .masks import parse_segmentations
 from .source import DataSource
 
 logger = logging.getLogger(__name__)
@@ -29,22 +30,25 @@ class CocoDataset(IndexedDataset):
     (the file as given), where COCOeval ignores detections matched to them. Boxes are clipped to the
     image; those with no width or height left are dropped, listed in ``degenerate_boxes`` and logged once.
     A box with a non-finite coordinate or a negative width or height is an error naming the annotation.
+    ``masks``: targets carry the instance masks of the ``segmentation`` fields too (a separate index).
     """
 
-    def __init__(self, image_root: str, ann_file: str, filter_empty: bool = False, source: DataSource | None = None):
+    def __init__(self, image_root: str, ann_file: str, filter_empty: bool = False, source: DataSource | None = None,
+                 masks: bool = False):
         source = source if source is not None else DataSource()
         identity = source.identity(ann_file, "COCO annotation file")
         source.check_folder(image_root, "COCO image folder")
         self.ann_file = ann_file
-        index = source.index("coco", identity, lambda: parse_coco(source.read_bytes(ann_file, "COCO annotation file"),
-                                                                 ann_file))
+        index = source.index("coco-masks" if masks else "coco", identity,
+                             lambda: parse_coco(source.read_bytes(ann_file, "COCO annotation file"), ann_file, masks))
         names = index.cat_names.tolist()
         super().__init__(index, image_root, names, index.cat_id.tolist(), np.arange(1, len(names) + 1), source,
                          name=ann_file, filter_empty=filter_empty, gt_from_file=True)
 
 
-def parse_coco(raw: bytes, path: str) -> AnnotationIndex:
-    """The index of a COCO instances file; DataError naming the file (and annotation) for bad input."""
+def parse_coco(raw: bytes, path: str, masks: bool = False) -> AnnotationIndex:
+    """The index of a COCO instances file (with its segmentations when ``masks``); DataError naming the file
+    (and annotation) for bad input."""
     try:
         text = raw.decode("utf-8")
         del raw  # the only reference: at most the text and the parsed objects are held at once
@@ -57,12 +61,12 @@ def parse_coco(raw: bytes, path: str) -> AnnotationIndex:
         raise DataError(f"COCO annotation file {path} must be a JSON object with 'images' and "
                         f"'categories' lists (and 'annotations').")
     try:
-        return _index(data, path)
+        return _index(data, path, masks)
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"COCO annotation file {path} is malformed: {type(e).__name__}: {e}") from None
 
 
-def _index(data: dict[str, Any], path: str) -> AnnotationIndex:
+def _index(data: dict[str, Any], path: str, masks: bool) -> AnnotationIndex:
     categories = sorted(data["categories"], key=lambda c: c["id"])
     if not categories:
         raise DataError(f"COCO annotation file {path} has no categories.")
@@ -86,6 +90,7 @@ def _index(data: dict[str, Any], path: str) -> AnnotationIndex:
     bbox = bbox.reshape(-1, 4)
     area = np.fromiter((a.get("area", 0.0) for a in anns), dtype=np.float64, count=len(anns))
     crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), dtype=bool, count=len(anns))
+    segs = [a.get("segmentation") for a in anns] if masks else []
     del anns
     ann_image = ints[:, 0]
     position = np.searchsorted(image_id, ann_image)
@@ -101,8 +106,16 @@ def _index(data: dict[str, Any], path: str) -> AnnotationIndex:
     if len(unknown):
         j = unknown[0]
         raise ValueError(f"annotation {ann_id[j]} has unknown category_id {ann_cat[j]}")
-    check_boxes(bbox, lambda j: f"COCO annotation file {path}: annotation {ann_id[j]} (image {ann_image[order[j]]})",
-                "xywh")
+    def name(j: int) -> str:
+        return f"COCO annotation file {path}: annotation {ann_id[j]} (image {ann_image[order[j]]})"
+
+    check_boxes(bbox, name, "xywh")
+    seg: dict[str, Any] = {}
+    if masks:
+        parsed = parse_segmentations([segs[k] for k in order.tolist()], height[position], width[position], name)
+        del segs
+        seg = {"seg_poly_start": parsed.seg_poly_start, "poly_start": parsed.poly_start,
+               "poly_xy": parsed.poly_xy, "rle": Strings.from_list(parsed.rle)}
 
     ann_start = np.zeros(len(image_id) + 1, dtype=np.int64)
     np.cumsum(np.bincount(position, minlength=len(image_id)), out=ann_start[1:])
@@ -110,7 +123,7 @@ def _index(data: dict[str, Any], path: str) -> AnnotationIndex:
         box_format="xywh", image_id=image_id, width=width, height=height,
         files=Strings.from_list([str(im["file_name"]) for im in images]), ann_start=ann_start,
         ann_id=ann_id, ann_cat=ann_cat, ann_bbox=bbox, ann_area=area, ann_crowd=crowd,
-        cat_id=cat_id, cat_names=Strings.from_list([str(c["name"]) for c in categories]),
+        cat_id=cat_id, cat_names=Strings.from_list([str(c["name"]) for c in categories]), **seg,
     ).finish()
 
 

@@ -5,7 +5,9 @@ A detection dataset is a map-style dataset with
 - ``__len__()`` and ``__getitem__(index) -> (image, target)``: ``image`` is a
   ``torchvision.tv_tensors.Image`` (uint8, CHW, RGB); ``target`` is
   ``{"boxes": tv_tensors.BoundingBoxes (XYXY, canvas_size=(h, w)), "labels": int64 tensor (n,),
-  "image_id": int}``. Labels are contiguous, ``1..K``; 0 is the background of torchvision detectors.
+  "image_id": int}``, plus ``"masks": tv_tensors.Mask`` (n, h, w) uint8 when the dataset loads
+  segmentations (one mask per box, decoded per sample). Labels are contiguous, ``1..K``; 0 is the
+  background of torchvision detectors.
   Only boxes to train on are in the target: crowd / difficult boxes and degenerate boxes are not.
 - ``image_ids: list[int]``: the stable dataset image id of each index (traces and evaluation use it).
 - ``class_names: list[str]``: label ``i`` is ``class_names[i - 1]``; ``num_classes`` (property) is
@@ -182,6 +184,12 @@ def make_target(boxes: np.ndarray, labels: np.ndarray, image_id: int, canvas_siz
                                               format="XYXY", canvas_size=canvas_size),
             "labels": torch.from_numpy(labels),
             "image_id": image_id}
+
+
+def make_masks(masks: np.ndarray) -> tv_tensors.Mask:
+    """(n, height, width) uint8 instance masks as a ``tv_tensors.Mask`` (transformed with the image)."""
+    torch, tv_tensors = _torch()
+    return tv_tensors.Mask(torch.from_numpy(masks))
 
 
 def _torch():

@@ -72,6 +72,7 @@ class Strings:
 class AnnotationIndex:
     """Images and their annotations. Annotations of image ``i`` are ``ann_start[i]:ann_start[i + 1]``.
 
+    ``has_masks``: the segmentation arrays are there (see :mod:`elastic_det.data.masks`).
     ``ann_bbox`` holds the numbers as written in the file: ``[x, y, w, h]`` for COCO (``box_format ==
     "xywh"``), ``[xmin, ymin, xmax, ymax]`` for VOC (``"xyxy"``). ``ann_cat`` holds a value of ``cat_id``
     (COCO category ids; VOC: the position of the class name in ``cat_names``).
@@ -90,6 +91,11 @@ class AnnotationIndex:
     ann_crowd: np.ndarray  # bool (m,): COCO iscrowd, VOC difficult
     cat_id: np.ndarray  # int64 (k,), ascending
     cat_names: Strings
+    # Segmentations (COCO with masks, see elastic_det.data.masks); None in an index of boxes only:
+    seg_poly_start: np.ndarray | None = None  # int64 (m + 1,): polygons of each annotation
+    poly_start: np.ndarray | None = None  # int64 (P + 1,): coordinates of each polygon
+    poly_xy: np.ndarray | None = None  # float64 (C,)
+    rle: Strings | None = None  # compressed RLE counts per annotation ("" for polygons)
     # Derived when built (see finish), so that opening a cached index does no per-annotation work:
     trained_count: np.ndarray | None = None  # int64 (n,): boxes to train on per image
     degenerate: np.ndarray | None = None  # int64 (d,): non-crowd annotations with no width or height left
@@ -103,6 +109,10 @@ class AnnotationIndex:
         self.trained_count = np.bincount(image_of[valid & ~crowd], minlength=len(self.image_id)).astype(np.int64)
         self.degenerate = np.flatnonzero(~valid & ~crowd).astype(np.int64)
         return self
+
+    @property
+    def has_masks(self) -> bool:
+        return self.rle is not None
 
     def image_of_annotation(self) -> np.ndarray:
         """The image position of every annotation, (m,) int64."""
@@ -172,9 +182,11 @@ def load(folder: str) -> AnnotationIndex:
     for f in fields(AnnotationIndex):
         if f.name == "box_format":
             continue
-        if f.type in ("Strings", Strings):
-            kwargs[f.name] = Strings(array(f"{f.name}.blob"), array(f"{f.name}.offsets"))
-        else:
+        optional = "None" in str(f.type)
+        if "Strings" in str(f.type):
+            if not (optional and not os.path.exists(os.path.join(folder, f"{f.name}.blob.npy"))):
+                kwargs[f.name] = Strings(array(f"{f.name}.blob"), array(f"{f.name}.offsets"))
+        elif not (optional and not os.path.exists(os.path.join(folder, f"{f.name}.npy"))):
             kwargs[f.name] = array(f.name)
     return AnnotationIndex(**kwargs)
 

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pycocotools.coco import COCO
 
-from .dataset import load_image, log_degenerate, make_coco, make_target
+from .dataset import load_image, log_degenerate, make_coco, make_masks, make_target
 from .index import AnnotationIndex, clip_boxes
+from .masks import decode_masks, segmentation
 from .remote import is_url, join
 from .source import DataSource
 
@@ -73,19 +74,23 @@ class IndexedDataset:
     def __getitem__(self, i: int) -> tuple[tv_tensors.Image, dict]:
         j = int(self._keep[i])
         width, height = int(self.index.width[j]), int(self.index.height[j])
-        boxes, labels, crowd = self._annotations(j)
+        boxes, labels, crowd, positions = self._annotations(j)
         image = load_image(self.image_path(i), expected_size=(width, height), opener=self.files.open_image)
-        return image, make_target(boxes[~crowd], labels[~crowd], int(self.index.image_id[j]), (height, width))
+        target = make_target(boxes[~crowd], labels[~crowd], int(self.index.image_id[j]), (height, width))
+        if self.index.has_masks:
+            target["masks"] = make_masks(decode_masks(self.index, positions[~crowd], height, width))
+        return image, target
 
-    def _annotations(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Clipped XYXY boxes with some width and height, their labels and crowd flags, of image ``j``."""
+    def _annotations(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Clipped XYXY boxes with some width and height, their labels, crowd flags and annotation positions
+        in the index, of image ``j``."""
         s, e = int(self.index.ann_start[j]), int(self.index.ann_start[j + 1])
         boxes = clip_boxes(np.asarray(self.index.ann_bbox[s:e]), self.index.box_format,
                            int(self.index.width[j]), int(self.index.height[j]))
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         labels = self._cat_label[np.searchsorted(self.index.cat_id, self.index.ann_cat[s:e])]
         crowd = np.asarray(self.index.ann_crowd[s:e], dtype=bool)
-        return boxes[valid], labels[valid].astype(np.int64), crowd[valid]
+        return boxes[valid], labels[valid].astype(np.int64), crowd[valid], np.arange(s, e)[valid]
 
     @property
     def num_classes(self) -> int:
@@ -139,9 +144,11 @@ class IndexedDataset:
                                                              strict=True)):
                 annotations.append({"id": ids[j], "image_id": image_ids[image_of[j]], "category_id": cat,
                                     "bbox": bbox, "area": area, "iscrowd": int(crowd)})
+                if index.has_masks:
+                    annotations[-1]["segmentation"] = segmentation(index, j)
         else:
             for j in images_at:
-                boxes, labels, crowd = self._annotations(j)
+                boxes, labels, crowd, _ = self._annotations(j)
                 order = np.argsort(crowd, kind="stable")  # trained boxes first, then the ignored ones
                 for (x1, y1, x2, y2), label, c in zip(boxes[order].tolist(), labels[order].tolist(),
                                                       crowd[order].tolist(), strict=True):

@@ -34,7 +34,7 @@ class TrainSamples(torch.utils.data.Dataset):
     """``samples[(epoch, index)] -> (image, target)``: ``dataset[index]`` through ``transforms``.
 
     The image is a plain float tensor (CHW); the target holds plain tensors ``boxes`` (XYXY, float32) and
-    ``labels`` (int64), and ``image_id`` (int).
+    ``labels`` (int64), ``image_id`` (int) and, for datasets with masks, ``masks`` ((n, h, w) uint8).
     """
 
     def __init__(self, dataset: Any, transforms: Callable, seed: int):
@@ -50,11 +50,11 @@ class TrainSamples(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             image, target = self.transforms(*self.dataset[index])
-        return image.as_subclass(torch.Tensor), {
-            "boxes": target["boxes"].as_subclass(torch.Tensor),
-            "labels": target["labels"],
-            "image_id": int(target["image_id"]),
-        }
+        out = {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"],
+               "image_id": int(target["image_id"])}
+        if "masks" in target:
+            out["masks"] = target["masks"].as_subclass(torch.Tensor)
+        return image.as_subclass(torch.Tensor), out
 
 
 def detection_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:

@@ -19,11 +19,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..config.schema import ShapesConfig
+from .masks import encode_masks
 
 logger = logging.getLogger(__name__)
 
 CATEGORIES = ["rectangle", "ellipse", "triangle"]
-GENERATOR_VERSION = 2  # part of the cache folder name: bump it when the images change
+GENERATOR_VERSION = 3  # part of the cache folder name: bump it when the images change
 _SPLIT_CODES = {"train": 0, "val": 1}
 _STALE_TEMP_SECONDS = 3600
 MIN_SIDE = 16  # px; smaller shapes are hard to tell apart at 128 px
@@ -77,32 +78,35 @@ def _write_split(folder: str, split: str, count: int, image_size: int, max_objec
     images, annotations = [], []
     for i in range(count):
         rng = np.random.default_rng([seed % 2**64, _SPLIT_CODES[split], i])
-        image, _, boxes, labels, areas = render_image(rng, image_size, max_objects)
+        image, _, boxes, labels, areas, masks = render_image(rng, image_size, max_objects, True)  # True: with masks
         image_id = i + 1
         file_name = f"{image_id:06d}.jpg"
         Image.fromarray(image).save(os.path.join(folder, file_name), quality=95)
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
-        for (x1, y1, x2, y2), label, area in zip(boxes, labels, areas, strict=True):
+        rles = encode_masks(masks)
+        for (x1, y1, x2, y2), label, area, rle in zip(boxes, labels, areas, rles, strict=True):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0})
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area, "iscrowd": 0,
+                                "segmentation": rle})
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(CATEGORIES)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def render_image(rng: np.random.Generator, size: int, max_objects: int
-                 ) -> tuple[np.ndarray, np.ndarray, list[list[int]], list[int], list[int]]:
-    """One image: ``(image, background, boxes, labels, areas)``.
+def render_image(rng: np.random.Generator, size: int, max_objects: int, with_masks: bool = False) -> tuple:
+    """One image: ``(image, background, boxes, labels, areas)``, and ``masks`` when ``with_masks``.
 
     ``image`` and ``background`` are (size, size, 3) uint8; boxes are XYXY, tight around each shape's
     pixels (computed from its mask, so they match the rasterisation exactly); labels are 1-based
     category ids; areas are pixel counts. A shape is placed only where it overlaps no earlier one by
-    more than a third of either box, so every object stays mostly visible.
+    more than a third of either box, so every object stays mostly visible. ``masks`` (n, size, size) uint8
+    are the pixels each shape shows in the image: its exact rasterisation less what later shapes cover.
     """
     background = _background(rng, size)
     image = background.copy()
     boxes: list[list[int]] = []
     labels: list[int] = []
     areas: list[int] = []
+    owner = np.zeros((size, size), dtype=np.int64)  # 1 + the shape that paints each pixel last; 0: background
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(20):
             label = int(rng.integers(1, len(CATEGORIES) + 1))
@@ -121,7 +125,11 @@ def render_image(rng: np.random.Generator, size: int, max_objects: int
         boxes.append(box)
         labels.append(label)
         areas.append(len(xs))
-    return image, background, boxes, labels, areas
+        owner[ys, xs] = len(boxes)
+    if not with_masks:
+        return image, background, boxes, labels, areas
+    masks = (owner[None] == np.arange(1, len(boxes) + 1)[:, None, None]).astype(np.uint8)
+    return image, background, boxes, labels, areas, masks
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

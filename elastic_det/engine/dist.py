@@ -250,6 +250,15 @@ def local_main_first(build: Callable[[], T], local_rank: int) -> T:
     return result if local_rank == 0 else build()
 
 
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

@@ -16,15 +16,16 @@ step (the one in flight) plus one synchronous save.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..records import read_tail
+from .events import Event
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +90,9 @@ def estimate_save_seconds(state_bytes: int, remote: bool) -> float:
 def history(metrics_path: str, tail_bytes: int = 256 * 1024) -> tuple[float | None, float | None]:
     """(slowest of the last three checkpoint saves, median step time of the last train records) from the
     end of a ``metrics.jsonl``; None where the file has none. Reads only its tail: the file can be long."""
-    try:
-        with open(metrics_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - tail_bytes))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None, None
     saves: list[float] = []
     steps: list[float] = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the first, cut line of the tail, or a line being written
-        if not isinstance(record, dict):
-            continue
+    for record in read_tail(metrics_path, tail_bytes):
         if record.get("event") == "checkpoint" and isinstance(record.get("seconds"), (int, float)):
             saves.append(float(record["seconds"]))
         elif record.get("mode") == "train" and isinstance(record.get("step_time"), (int, float)):
@@ -152,3 +140,24 @@ def start_figures(metrics_path: str, model_state_bytes: int, remote: bool) -> tu
     rate = ASSUMED_BYTES_PER_SECOND["remote" if remote else "local"]
     return estimate, step_seconds, (f"a checkpoint of about {nbytes / 1e6:.0f} MB at an assumed "
                                     f"{rate / 1e6:.0f} MB/s (no save timed yet) takes about")
+
+
+class GraceWriter:
+    """The grace check as a writer of the event stream (rank 0): the warning at the loop's start, from the
+    run's recent saves or an estimate, and after each committed checkpoint that does not fit."""
+
+    def __init__(self, monitor: GraceMonitor, metrics_path: str, remote: bool,
+                 model_state_bytes: Callable[[], int], step_seconds: Callable[[], float | None]) -> None:
+        self.monitor = monitor
+        self.metrics_path = metrics_path
+        self.remote = remote
+        self.model_state_bytes = model_state_bytes
+        self.step_seconds = step_seconds
+
+    def __call__(self, event: Event) -> None:
+        if self.monitor.grace is None:
+            return
+        if event.kind == "loop_start":
+            self.monitor.at_start(*start_figures(self.metrics_path, self.model_state_bytes(), self.remote))
+        elif event.kind == "checkpoint":
+            self.monitor.after_save(event.step, event.fields["seconds"], self.step_seconds())

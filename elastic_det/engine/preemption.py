@@ -28,7 +28,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from .events import Event
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,6 @@ class PreemptionFlag:
     def is_set(self) -> bool:
         return self._event.is_set()
 
-    def set(self, reason: str) -> None:
-        self.signal_name = reason
-        self._event.set()
-
     # ------------------------------------------------------------------------------------------------
     # What the watchdog needs to know: where the main thread is, how long a step takes, the checkpoint
 
@@ -111,6 +109,18 @@ class PreemptionFlag:
         restore); other ranks only know that rank 0 was asked to save at ``step``."""
         if self.checkpoint_step is None or step >= self.checkpoint_step:
             self.checkpoint_step, self.checkpoint_committed = step, committed
+
+    def record_checkpoints(self, is_main: bool) -> Callable[[Event], None]:
+        """A writer of the event stream that keeps ``note_checkpoint`` current: the restored step, each
+        commit (rank 0), each save rank 0 was asked for (the other ranks)."""
+        def writer(event: Event) -> None:
+            if event.kind == "loop_start" and event.step > 0:  # resumed from a committed checkpoint
+                self.note_checkpoint(event.step, committed=True)
+            elif event.kind == "checkpoint":
+                self.note_checkpoint(event.step, committed=True)
+            elif event.kind == "checkpoint_start" and not is_main:
+                self.note_checkpoint(event.step, committed=False)
+        return writer
 
     def where(self, region: str | None = None) -> str:
         """Where the main thread is (or was last), for the stop line: "step 12", or "step 12 (an all-reduce
@@ -202,9 +212,3 @@ def _flush_logs() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-
-
-def ignore_preemption_signals() -> None:
-    """For data-loader workers: only the main process reacts to preemption."""
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

@@ -1,4 +1,4 @@
-"""The files rank 0 writes into the work dir as it goes: text log, ``metrics.jsonl``, data trace.
+"""The files rank 0 writes into the work dir as it goes: text log, ``metrics.jsonl``, ledger, data trace.
 
 On a local (or shared) file system they are appended in place. An object store has no append, so they
 are written to a local mirror and uploaded whole at every checkpoint and at exit; the work dir then
@@ -9,23 +9,17 @@ work dir already has, so the history continues in one file.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sys
 import threading
-import time
-from typing import Any, TextIO
+from typing import TextIO
 
+from ..records import HISTORY, TEXT_LOG
 from ..storage import WorkDir
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
-TEXT_LOG = "train.log"
-LEDGER = "ledger.jsonl"
-HISTORY = (METRICS, TEXT_LOG, LEDGER)
-"""The files that continue across attempts: a relaunch on another machine downloads them first."""
 
 
 class RunFiles:
@@ -88,20 +82,6 @@ class RunFiles:
             for f in self._files.values():
                 f.close()
             self._files.clear()
-
-
-class MetricsLog:
-    """``WORK_DIR/metrics.jsonl``: one JSON object per line (train, val and event records)."""
-
-    def __init__(self, files: RunFiles) -> None:
-        self.files = files
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.files.append_line(METRICS, json.dumps(record, sort_keys=False))
-
-    def event(self, name: str, step: int, **fields: Any) -> None:
-        self.write({"event": name, "step": step, "time": round(time.time(), 3), **fields})
-        log.info("event %s at step %d %s", name, step, " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
 class _RunFileHandler(logging.Handler):

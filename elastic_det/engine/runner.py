@@ -22,8 +22,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.plan import Progress, StepInfo, StepSchedule, split_micro
-from . import amp
+from ..models import amp
 from .dist import DistInfo, any_rank_each, watched
+from .events import EventStream
 from .hook import EvalRecord, Hook, StepRecord
 from .nonfinite import NonFiniteGuard
 from .state import TrainingParts, build_state
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 class Runner:
     def __init__(self, *, parts: TrainingParts, model: nn.Module, schedule: StepSchedule,
-                 batches: Iterable[tuple[list, list]], hooks: list[Hook], dist_info: DistInfo,
-                 progress: Progress, max_steps: int, micro_batch_size: int, amp_mode: str,
+                 batches: Iterable[tuple[list, list]], hooks: list[Hook], events: EventStream,
+                 dist_info: DistInfo, progress: Progress, max_steps: int, micro_batch_size: int, amp_mode: str,
                  clip_grad_norm: float, meta: dict[str, Any] | None = None,
                  nonfinite: NonFiniteGuard | None = None) -> None:
         self.parts = parts  # model (unwrapped), optimizer, scheduler, scaler
@@ -42,6 +43,7 @@ class Runner:
         self.schedule = schedule
         self.batches = batches
         self.hooks = hooks
+        self.events = events  # what the runner publishes itself: loop_start, step, run_end
         self.dist = dist_info
         self.progress = progress
         self.start_step = progress.global_step
@@ -80,7 +82,9 @@ class Runner:
         self._call("after_eval")
 
     def train(self) -> None:
+        how, error = "failed", None
         try:
+            self.events.publish("loop_start", self.progress.global_step, max_steps=self.max_steps)
             self._call("before_run")
             batches = iter(self.batches)
             while self.progress.global_step < self.max_steps and self.stop_reason is None:
@@ -94,13 +98,21 @@ class Runner:
                 with watched(f"step {self.step.global_step + 1}"):  # a stop signal must not wait on a lost peer
                     self.last_step = self.run_step(images, targets, data_time, start)
                 self.progress = self.step.next_progress(self.progress.seed)
+                self.events.publish("step", self.progress.global_step, step_time=self.last_step.step_time,
+                                    data_time=data_time, world_size=self.dist.world_size)
                 self._call("after_step")
                 # from the sample cursor, not step_in_epoch: after a scale_lr resume at another world size
                 # the epoch's remaining steps have another batch size than its first ones
                 if self.progress.global_step == self.max_steps or self.schedule.epoch_done(self.progress):
                     self._call("after_epoch")
             self._call("after_run")
+            stopped_early = self.stop_reason is not None or self.progress.global_step < self.max_steps
+            how = "preempted" if stopped_early else "done"
+        except BaseException as e:
+            error = type(e).__name__
+            raise
         finally:
+            self.events.publish("run_end", self.progress.global_step, how=how, error=error)
             for hook in self.hooks:
                 hook.close()
 

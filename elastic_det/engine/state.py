@@ -18,7 +18,7 @@ from torch import nn
 
 from ..checkpoint.store import Checkpoint, CheckpointStore
 from ..data.plan import Progress
-from ..errors import CheckpointError, InfrastructureError, UserError
+from ..errors import CheckpointError, InfrastructureError, StorageUnavailableError, UserError
 from ..models.weights import load_model_state
 from ..storage import WorkDir
 from . import dist
@@ -140,32 +140,53 @@ def weights_kind(checkpoint: Checkpoint, weights: str = "auto") -> str:
 def find_checkpoint(store: CheckpointStore, resume: str) -> Checkpoint | None:
     """The checkpoint to resume from (``--resume auto|none|PATH``), the same on every rank.
 
-    Rank 0 decides (falling back past broken ones); the others load that one. An error on rank 0 reaches
-    every rank as the same error, so each ends with the same one-paragraph message. With ``auto`` the other
-    ranks load the newest committed checkpoint while rank 0 decides (a restart does not wait for two
-    loads in a row), and keep it when rank 0 chose the same.
+    Rank 0 decides (falling back past broken ones); the others load that one. An error on any rank (bad
+    input, exit 2, or a store failing mid-read, exit 75) reaches every rank as the same error, so each ends
+    with the same one-paragraph message and exit code. With ``auto`` the other ranks load the newest
+    committed checkpoint while rank 0 decides (a restart does not wait for two loads in a row), and keep
+    it when rank 0 chose the same. With the store's node copies, each node reads it from an object store
+    once: the node's other ranks wait for that read and load the copy.
     """
     if resume == "none":
         return None
     early = _newest_committed(store) if resume == "auto" and not dist.is_main() else None
     checkpoint = None
-    choice: tuple[str, str] | None = None
+    choice: tuple[str, ...] | None = None
     if dist.is_main():
         try:
             checkpoint = store.load_latest() if resume == "auto" else store.load(resume)
             choice = ("ok", checkpoint.location) if checkpoint is not None else None
-        except UserError as e:
-            choice = ("error", str(e))
-            dist.broadcast_object(choice)
+        except (UserError, InfrastructureError) as e:
+            dist.broadcast_object(_as_choice(e))
             raise
     choice = dist.broadcast_object(choice)
     if choice is None:
         return None
     if choice[0] == "error":
-        raise CheckpointError(choice[1])
+        raise _error_of(choice)
     if dist.is_main():
-        return checkpoint
-    return early if early is not None and early.location == choice[1] else store.load(choice[1])
+        mine: Checkpoint | None = checkpoint
+        error: tuple[str, ...] | None = None
+    else:
+        mine, error = early if early is not None and early.location == choice[1] else None, None
+        if mine is None:
+            try:
+                mine = store.load(choice[1])
+            except (UserError, InfrastructureError) as e:
+                error = _as_choice(e)
+    first = next((e for e in dist.all_gather_objects(error) if e is not None), None)
+    if first is not None:
+        raise _error_of(first)
+    return mine
+
+
+def _as_choice(error: UserError | InfrastructureError) -> tuple[str, ...]:
+    return ("error", "infrastructure" if isinstance(error, InfrastructureError) else "user", str(error))
+
+
+def _error_of(choice: tuple[str, ...]) -> Exception:
+    """The error another rank met, as this rank's own: the same message and exit code."""
+    return StorageUnavailableError(choice[2]) if choice[1] == "infrastructure" else CheckpointError(choice[2])
 
 
 def _newest_committed(store: CheckpointStore) -> Checkpoint | None:

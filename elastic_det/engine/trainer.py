@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint.node_copy import NodeCopies
 from ..checkpoint.store import Checkpoint, CheckpointStore
 from ..config.schema import Config, config_hash, diff, to_dict, to_yaml
 from ..data.build import build_dataset
@@ -27,22 +29,26 @@ from ..data.transforms import build_transforms
 from ..errors import ConfigError, InfrastructureError
 from ..evaluation.coco_eval import format_table
 from ..evaluation.inference import evaluate
-from ..goodput.ledger import Ledger
+from ..models import amp
 from ..models.build import batch_dependent_layers, build_model
+from ..records import METRICS
 from ..storage import WorkDir, is_shared_path
-from . import amp, dist, env_info, state
+from . import dist, env_info, state
+from .checkpointer import Checkpointer
 from .ema import build_ema
+from .events import EventStream, Writer
+from .grace import GraceMonitor, GraceWriter, grace_from_env
 from .hook import Hook
 from .hooks.checkpoint import CheckpointHook
 from .hooks.evaluation import EvalHook
-from .hooks.goodput import GoodputHook
 from .hooks.logger import LoggerHook
 from .hooks.trace import TraceHook, next_attempt_path
 from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionFlag
-from .run_files import MetricsLog, RunFiles, setup_text_logging
+from .run_files import RunFiles, setup_text_logging
 from .runner import Runner
+from .writers import ConsoleWriter, MetricsWriter, TensorBoardWriter
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +87,18 @@ def batch_policy(cfg: Config, world_size: int) -> BatchPolicy:
     return BatchPolicy("scale_lr", size, cfg.optimizer.lr * size / cfg.data.global_batch_size)
 
 
+WriterFactory = Callable[[RunFiles, dist.DistInfo], Writer]
+"""Builds a writer of the event stream for this run (the entry point passes the goodput ledger's)."""
+
+
 @dataclass
 class RunOutput:
-    """Where a run writes: the work dir, rank 0's files and ``metrics.jsonl``."""
+    """Where a run writes: the work dir, rank 0's files, the event stream and its ``metrics.jsonl`` writer."""
 
     work_dir: WorkDir
     files: RunFiles
-    metrics: MetricsLog
-    ledger: Ledger  # where every second of this attempt went (ledger.jsonl, for elastic_det.report)
+    events: EventStream
+    metrics: MetricsWriter
 
 
 @dataclass
@@ -100,8 +110,9 @@ class TrainData:
     max_steps: int
 
 
-def train(cfg: Config, resume: str = "auto") -> bool:
-    """Train to ``train.max_steps``; returns True when stopped by a preemption (after its checkpoint)."""
+def train(cfg: Config, resume: str = "auto", writers: Sequence[WriterFactory] = ()) -> bool:
+    """Train to ``train.max_steps``; returns True when stopped by a preemption (after its checkpoint).
+    ``writers`` subscribe to the run's event stream before anything is published (the ledger)."""
     entered = time.time()
     preempt = PreemptionFlag()
     preempt.install()
@@ -109,7 +120,7 @@ def train(cfg: Config, resume: str = "auto") -> bool:
     dist.start_parent_watchdog()
     dist.set_watch(preempt.watch if info.distributed else None)  # a rank stuck on a lost peer stops
     try:
-        return _train(cfg, resume, info, preempt, {"imports_done": entered, "dist_ready": time.time()})
+        return _train(cfg, resume, info, preempt, writers, {"imports_done": entered, "dist_ready": time.time()})
     except Exception as e:
         if info.distributed and dist.is_peer_lost(e):  # one line, not a traceback; exit now, no teardown
             preempt.stop_peer_lost(preempt.where(), dist.peer_lost_detail(e))
@@ -118,61 +129,75 @@ def train(cfg: Config, resume: str = "auto") -> bool:
         dist.shutdown()
 
 
-def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFlag, marks: dict[str, float]) -> bool:
-    out = open_work_dir(cfg, info)
+def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFlag,
+           writers: Sequence[WriterFactory], marks: dict[str, float]) -> bool:
+    out = open_work_dir(cfg, info, writers)
     for phase, when in marks.items():
-        out.ledger.mark(phase, time=when)
+        out.events.publish(phase, at=when)
     try:
         env = env_info.collect(info.world_size)
         log.info("Environment:\n%s", env_info.format_env(env))
         _seed_and_determinism(cfg)
         data = build_data(cfg, info)
         parts = build_training_parts(cfg, info, data)
-        held_events: list[dict] = []
         store = CheckpointStore(work_dir=out.work_dir, keep_last=cfg.checkpoint.keep_last,
                                 keep_every=cfg.checkpoint.keep_every, keep_best=cfg.checkpoint.keep_best,
-                                on_event=held_events.append)
+                                on_event=lambda e: out.events.publish(e.pop("event"), e.pop("step", -1), **e),
+                                node_copies=node_copies(cfg))
         load_start = time.time()
         checkpoint = state.find_checkpoint(store, resume)
         progress, hook_states = Progress(seed=cfg.seed), {}
         if checkpoint is not None:
             progress, hook_states = state.restore(checkpoint, parts, data.policy.lr, cfg.seed, cfg.optimizer.type)
-        out.ledger.mark("restore_done", step=progress.global_step, load_seconds=round(time.time() - load_start, 3))
-        # the run is valid from here on: its files may change
-        store.on_event = lambda e: out.metrics.event(e.pop("event"), e.pop("step", -1), **e)
-        for event in held_events:
-            store.on_event(event)
+        out.events.publish("restore_done", progress.global_step, load_seconds=round(time.time() - load_start, 3))
+        out.metrics.open()  # the run is valid from here on: its files may change
         model = _wrap_ddp(parts.model, cfg, info)
         schedule, batches = build_batches(cfg, info, data, progress)
-        hooks = build_hooks(cfg, info, out, store, preempt, data)
-        runner = Runner(parts=parts, model=model, schedule=schedule, batches=batches, hooks=hooks, dist_info=info,
+        hooks = build_hooks(cfg, info, out, store, preempt, data, parts)
+        runner = Runner(parts=parts, model=model, schedule=schedule, batches=batches, hooks=hooks,
+                        events=out.events, dist_info=info,
                         progress=progress, max_steps=data.max_steps, micro_batch_size=cfg.data.micro_batch_size,
                         amp_mode=cfg.train.amp, clip_grad_norm=cfg.optimizer.clip_grad_norm,
-                        meta={"config": to_yaml(cfg), "env": env}, nonfinite=_nonfinite_guard(cfg, info, out))
+                        meta={"config": to_yaml(cfg), "env": env}, nonfinite=_nonfinite_guard(cfg, out))
         runner.load_hook_states(hook_states)
         announce(cfg, info, out, data, progress, checkpoint)
         try:
             runner.train()
         except NonFiniteLossError as e:  # every rank, at the same step; the hooks are closed (saves done)
             raise e.with_checkpoint(_newest_checkpoint(store)) from None
-        if runner.stop_reason is None and info.is_main:
-            out.metrics.event("done", runner.progress.global_step, world_size=info.world_size)
+        if runner.stop_reason is None:
+            out.events.publish("done", runner.progress.global_step, world_size=info.world_size)
         return runner.stop_reason == "preempt"
-    except BaseException as e:
-        out.ledger.end("failed", last_step=-1, error=type(e).__name__)  # ignored when the loop recorded its end
+    except BaseException as e:  # before the loop (the loop publishes its own end; a second one is ignored)
+        out.events.publish("run_end", -1, how="failed", error=type(e).__name__)
         raise
     finally:
         out.files.close()
 
 
-def open_work_dir(cfg: Config, info: dist.DistInfo) -> RunOutput:
+def node_copies(cfg: Config) -> NodeCopies | None:
+    """Where a checkpoint on an object store is copied for the other ranks of the node: beside the data
+    cache (``data.cache.dir``; "" = every rank reads it from the store)."""
+    return NodeCopies(os.path.join(cfg.data.cache.dir, "checkpoints")) if cfg.data.cache.dir else None
+
+
+def open_work_dir(cfg: Config, info: dist.DistInfo, writers: Sequence[WriterFactory] = ()) -> RunOutput:
+    """The work dir, rank 0's files, and the event stream with the given writers, ``metrics.jsonl`` (held
+    until the restore succeeded), the console and TensorBoard subscribed, in that order."""
     work_dir = WorkDir(cfg.work_dir, cfg.checkpoint.storage_options, timeout=cfg.checkpoint.timeout_seconds)
     if info.is_main:
         work_dir.check_writable()
     files = RunFiles(work_dir, enabled=info.is_main)
     setup_text_logging(files, info.rank)
     _warn_if_not_shared(cfg.work_dir, info)
-    return RunOutput(work_dir, files, MetricsLog(files), Ledger(files, world_size=info.world_size))
+    events = EventStream()
+    for make in writers:
+        events.subscribe(make(files, info))
+    metrics = events.subscribe(MetricsWriter(files))
+    events.subscribe(ConsoleWriter(cfg.log.progress_bar, info.is_main))
+    if cfg.log.tensorboard and info.is_main:
+        events.subscribe(TensorBoardWriter(files.local_path("tensorboard")))
+    return RunOutput(work_dir, files, events, metrics)
 
 
 def build_data(cfg: Config, info: dist.DistInfo) -> TrainData:
@@ -218,21 +243,27 @@ def build_batches(cfg: Config, info: dist.DistInfo, data: TrainData, progress: P
 
 
 def build_hooks(cfg: Config, info: dist.DistInfo, out: RunOutput, store: CheckpointStore,
-                preempt: PreemptionFlag, data: TrainData) -> list[Hook]:
-    """Logger, data trace, goodput, evaluation, checkpoint: evaluation before the checkpoint, so a
-    checkpoint at step *s* carries the metrics of the evaluation at *s*; goodput before both, so the steps
-    up to a save are on record before it starts."""
-    tensorboard_dir = out.files.local_path("tensorboard") if cfg.log.tensorboard else None
-    hooks: list[Hook] = [LoggerHook(out.metrics, cfg.log.interval, cfg.log.progress_bar, tensorboard_dir,
-                                    info.is_main)]
+                preempt: PreemptionFlag, data: TrainData, parts: state.TrainingParts) -> list[Hook]:
+    """Logger, data trace, evaluation, checkpoint: evaluation before the checkpoint, so a checkpoint at
+    step *s* carries the metrics of the evaluation at *s*. The writers that follow the saves subscribe
+    here, after the ledger and ``metrics.jsonl``: the grace check, the preemption flag's record of the
+    newest commit, and the upload of the run's files to an object store at every commit."""
+    hooks: list[Hook] = [LoggerHook(out.events, cfg.log.interval, info.is_main)]
     if cfg.data.trace and info.is_main:
         hooks.append(TraceHook(out.files, next_attempt_path(out.work_dir.listdir("trace")), data.dataset.image_ids))
-    hooks.append(GoodputHook(out.ledger, preempt))
     if cfg.train.validate:
-        hooks.append(EvalHook(_evaluator(cfg, info), cfg.train.eval_interval, out.metrics, format_table,
-                              ledger=out.ledger))
-    hooks.append(CheckpointHook(store, cfg.checkpoint, preempt, out.metrics, out.files,
-                                meta={"config_hash": config_hash(cfg)}, is_main=info.is_main, ledger=out.ledger))
+        hooks.append(EvalHook(_evaluator(cfg, info), cfg.train.eval_interval, out.events, format_table))
+    checkpointer = Checkpointer(store, out.events, meta={"config_hash": config_hash(cfg)}, is_main=info.is_main,
+                                async_save=cfg.checkpoint.async_save)
+    hooks.append(CheckpointHook(checkpointer, cfg.checkpoint, preempt, out.events))
+    grace = grace_from_env()  # on every rank: a bad value stops them all
+    copies = 2 if parts.ema is not None else 1  # the averaged weights are saved beside the raw ones
+    model_bytes = lambda: copies * sum(v.nbytes for v in parts.model.state_dict().values())  # noqa: E731
+    out.events.subscribe(GraceWriter(GraceMonitor(grace if info.is_main else None), out.files.local_path(METRICS),
+                                     remote=not out.work_dir.is_local, model_state_bytes=model_bytes,
+                                     step_seconds=preempt.step_time))
+    out.events.subscribe(preempt.record_checkpoints(info.is_main))
+    out.events.subscribe(lambda e: out.files.sync() if e.kind == "checkpoint" else None)
     return hooks
 
 
@@ -251,21 +282,20 @@ def announce(cfg: Config, info: dist.DistInfo, out: RunOutput, data: TrainData, 
               "lr": data.policy.lr, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
               "max_steps": data.max_steps}
     if checkpoint is None:
-        out.metrics.event("start", progress.global_step, **fields)
+        out.events.publish("start", progress.global_step, **fields)
         return
     changes = diff(state.saved_config(checkpoint), to_dict(cfg))
     for line in changes:
         log.info("Config changed since the checkpoint: %s", line)
-    out.metrics.event("resume", progress.global_step, checkpoint=checkpoint.location, config_changes=changes,
-                      **fields)
+    out.events.publish("resume", progress.global_step, checkpoint=checkpoint.location, config_changes=changes,
+                       **fields)
 
 
-def _nonfinite_guard(cfg: Config, info: dist.DistInfo, out: RunOutput) -> NonFiniteGuard:
+def _nonfinite_guard(cfg: Config, out: RunOutput) -> NonFiniteGuard:
     def on_skip(step: int, terms: list[str], in_a_row: int, total: int) -> None:
         log.warning("Global step %d: non-finite %s on some rank; its update is dropped on every rank "
                     "(train.nonfinite=skip, %d in a row, %d in all)", step, ", ".join(terms), in_a_row, total)
-        if info.is_main:
-            out.metrics.event("nonfinite_skip", step, terms=terms, in_a_row=in_a_row, skipped=total)
+        out.events.publish("nonfinite_skip", step, terms=terms, in_a_row=in_a_row, skipped=total)
 
     return NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_patience, on_skip)
 

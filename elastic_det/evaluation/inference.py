@@ -2,7 +2,9 @@
 
 Boxes come out of the detector in the coordinates of the image it was given. When the val transforms
 resized that image, the boxes are scaled back to the original size recorded in the COCO ground truth
-(``coco_gt.imgs[id]["width"/"height"]``), the frame the annotations live in.
+(``coco_gt.imgs[id]["width"/"height"]``), the frame the annotations live in. Predicted masks (Mask
+R-CNN's per-pixel probabilities) are thresholded at 0.5 and encoded as COCO RLE on the rank that predicted
+them, so what is gathered stays small; they are resized (nearest) to the original size the same way.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from torch import nn
 
-from ..engine.amp import autocast
+from ..data.masks import decode_rles, encode_masks
+from ..models.amp import autocast
 from .coco_eval import coco_evaluate, predictions_to_coco
+
+MASK_THRESHOLD = 0.5
 
 
 def evaluate(model: nn.Module, dataset: Any, loader: Iterable, device: torch.device | str,
              amp: str = "none") -> dict[str, float] | None:
-    """COCO box mAP of ``model`` on ``dataset`` on rank 0; None on the other ranks.
+    """COCO box mAP of ``model`` on ``dataset`` on rank 0, and mask mAP (``segm_*``) for a model that
+    predicts masks; None on the other ranks.
 
     Every rank must call it (it gathers with a collective when a process group is initialized).
     ``loader`` yields ``(images, targets)`` for this rank's share, each target with its ``image_id``.
@@ -31,7 +37,16 @@ def evaluate(model: nn.Module, dataset: Any, loader: Iterable, device: torch.dev
     results = predict(model, dataset, loader, device, amp, coco_gt=coco_gt)
     if results is None:
         return None
-    return coco_evaluate(coco_gt, results, dataset.image_ids)
+    return coco_evaluate(coco_gt, results, dataset.image_ids, segm=predicts_masks(model) or None)
+
+
+def predicts_masks(model: nn.Module) -> bool:
+    """Whether ``model`` is a Mask R-CNN (torchvision's ``roi_heads`` with a mask branch): it reports the
+    ``segm_*`` figures even with no detection. For other models they follow from their results (``None``)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    roi_heads = getattr(model, "roi_heads", None)
+    return bool(roi_heads is not None and getattr(roi_heads, "has_mask", lambda: False)())
 
 
 def predict(model: nn.Module, dataset: Any, loader: Iterable, device: torch.device | str,
@@ -68,6 +83,9 @@ def _run_model(model: nn.Module, loader: Iterable, device: torch.device, amp: st
                                 "boxes": det["boxes"].float().cpu().numpy(),
                                 "labels": det["labels"].cpu().numpy(),
                                 "scores": det["scores"].float().cpu().numpy()})
+                    if "masks" in det:
+                        binary = (det["masks"][:, 0] > MASK_THRESHOLD).to(torch.uint8).cpu().numpy()
+                        out[-1]["segmentations"] = encode_masks(binary)
     finally:
         model.train(was_training)
     return out
@@ -79,7 +97,12 @@ def _to_original_size(pred: dict[str, Any], image_info: dict[str, Any]) -> dict[
     if not height or not width or (height, width) == (in_h, in_w):
         return pred
     scale = np.array([width / in_w, height / in_h, width / in_w, height / in_h], dtype=np.float32)
-    return {**pred, "boxes": pred["boxes"] * scale}
+    resized = {**pred, "boxes": pred["boxes"] * scale}
+    if pred.get("segmentations"):
+        masks = torch.from_numpy(decode_rles(pred["segmentations"], in_h, in_w))
+        masks = torch.nn.functional.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")
+        resized["segmentations"] = encode_masks(masks[:, 0].to(torch.uint8).numpy())
+    return resized
 
 
 def _rank() -> int:

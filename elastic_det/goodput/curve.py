@@ -10,7 +10,6 @@ logged for a step wins, so the curve shows the run that continued.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from typing import Any
 import fsspec
 
 from ..errors import USER_ERROR_EXIT_CODE, StorageError, UserError
+from ..records import parse_jsonl
 
 MARKED_EVENTS = ("resume", "checkpoint", "checkpoint_failed", "preempt", "fallback")
 _STYLE = {  # marker kind -> (colour, line style)
@@ -66,14 +66,7 @@ def read_metrics(path: str, storage_options: dict[str, Any] | None = None) -> li
                         "(metrics.jsonl is written every log.interval steps)?") from None
     except OSError as e:
         raise StorageError(f"Cannot read metrics file {path}: {e}") from None
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
+    records = parse_jsonl("\n".join(lines))
     if not records:
         raise UserError(f"Metrics file {path} holds no metrics lines yet; nothing to plot.")
     return records

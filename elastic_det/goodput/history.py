@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StorageError, UserError
+from ..records import LEDGER, METRICS, parse_jsonl
+from ..records import LEDGER_MARKS as MARKS
 from ..storage import WorkDir
-from .ledger import LEDGER, MARKS
 
-METRICS = "metrics.jsonl"
 SUPERVISOR = "supervisor"
 
 
@@ -116,19 +116,6 @@ class History:
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading the work dir
-
-
-def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
-    """JSON objects of a JSONL file; lines cut short by a kill (or otherwise broken) are skipped."""
-    out = []
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def _read(work_dir: WorkDir, relpath: str) -> bytes | None:

@@ -55,13 +55,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.run_files import LEDGER, RunFiles
+from ..engine.events import Event
+from ..engine.run_files import RunFiles
 from ..process import is_warm_child, process_start_time
+from ..records import ATTEMPT_ENDS as END_HOWS
+from ..records import LEDGER, ledger_record
+from ..records import LEDGER_MARKS as MARKS
 
 FORMAT = 1
 LAUNCH_TIME_ENV = "ELASTIC_DET_LAUNCH_TIME"
-MARKS = ("process_start", "imports_done", "dist_ready", "restore_done", "train_start", "first_step")
-END_HOWS = ("done", "preempted", "failed")
 
 
 def launch_time(restart_count: int) -> float | None:
@@ -101,15 +103,50 @@ class Ledger:
         self._last_flush = 0.0
         self._first_step_seen = False
         self._open: tuple[int, CheckpointRecord] | None = None  # the checkpoint being timed
+        self._started = 0.0  # start of the checkpoint or evaluation being timed
+        self._signal: str | None = None  # the preemption signal, once one stopped the run
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         start = process_start if process_start is not None else process_start_time()
         self.mark("process_start", time=start if start is not None else clock(), pid=os.getpid(),
                   restart_count=restarts, world_size=world_size, launch_time=launch_time(restarts),
                   warm_start=is_warm_child(), format=FORMAT)
 
+    def __call__(self, event: Event) -> None:
+        """The ledger as a writer of the run's event stream (``engine.events``)."""
+        kind, step, fields = event.kind, event.step, event.fields
+        if kind in ("imports_done", "dist_ready"):
+            self.mark(kind, time=event.time)
+        elif kind == "restore_done":
+            self.mark(kind, time=event.time, step=step, **fields)
+        elif kind == "loop_start":
+            self.loop_start(step, fields.get("max_steps"))
+        elif kind == "step":
+            self.step_done(step)
+        elif kind in ("eval_start", "checkpoint_start"):
+            self._begin()
+            if kind == "checkpoint_start":
+                self._open = (step, CheckpointRecord())
+        elif kind == "eval_end":
+            self._finish("eval", step, {})
+        elif kind == "checkpoint_end":
+            record = self._open[1] if self._open is not None and self._open[0] == step else CheckpointRecord()
+            self._open = None
+            committed = record.committed if record.committed is not None else fields.get("committed")
+            extra: dict[str, Any] = {"reason": fields.get("reason"), "committed": committed}
+            if committed is None:
+                extra["pending"] = True  # async: the commit is seen in a ``saved`` record or the manifest
+            self._finish("checkpoint", step, extra)
+        elif kind in ("checkpoint", "checkpoint_failed"):
+            self.saved(step, fields.get("reason", ""), fields.get("seconds", 0.0), kind == "checkpoint")
+        elif kind == "preempt":
+            self._signal = fields.get("signal")
+        elif kind == "run_end":
+            how = fields.get("how", "failed")
+            self.end(how, last_step=step, signal=(self._signal or "peer") if how == "preempted" else None,
+                     error=fields.get("error"))
+
     def _write(self, kind: str, when: float | None = None, **fields: Any) -> None:
-        record = {"kind": kind, "attempt": self.attempt, "time": round(self.clock() if when is None else when, 3),
-                  "host": self.host, **{k: v for k, v in fields.items() if v is not None}}
+        record = ledger_record(kind, self.attempt, self.clock() if when is None else when, self.host, fields)
         self.files.append_line(LEDGER, json.dumps(record))
 
     def mark(self, phase: str, time: float | None = None, **fields: Any) -> None:
@@ -181,15 +218,21 @@ class Ledger:
 
     @contextmanager
     def _timed(self, kind: str, step: int, fields: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        self.flush()  # the steps before it are on record even if a kill lands inside
-        start = self.clock()
+        self._begin()
         extra = dict(fields)
         try:
             yield extra
         finally:
-            end = self.clock()
-            self._excluded += end - start
-            self._write(kind, end, step=step, seconds=round(end - start, 4), **extra)
+            self._finish(kind, step, extra)
+
+    def _begin(self) -> None:
+        self.flush()  # the steps before it are on record even if a kill lands inside
+        self._started = self.clock()
+
+    def _finish(self, kind: str, step: int, extra: dict[str, Any]) -> None:
+        end = self.clock()
+        self._excluded += end - self._started
+        self._write(kind, end, step=step, seconds=round(end - self._started, 4), **extra)
 
     def end(self, how: str, last_step: int, signal: str | None = None, error: str | None = None) -> None:
         """How the attempt ended (once; later calls are ignored)."""

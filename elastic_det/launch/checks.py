@@ -143,3 +143,30 @@ def work_dir_hint(command: list[str], work_dir: str | None) -> WorkDir | None:
         return WorkDir(work_dir) if work_dir else None
     except Exception:  # an unusable URL: nothing to log into
         return None
+
+
+def rendezvous_mode(command: list[str], environ: dict[str, str]) -> str:
+    """Which rendezvous store the torchrun command uses, and what losing a node costs with it (one line for
+    the supervisor's log). Flags win over torchrun's ``PET_*`` environment variables, as in torchrun."""
+    def option(name: str) -> str:
+        flags = (f"--{name}", f"--{name.replace('-', '_')}")
+        value = environ.get(f"PET_{name.upper().replace('-', '_')}", "")
+        own = command[:command.index(TRAIN_MODULE)] if TRAIN_MODULE in command else command
+        for i, arg in enumerate(own):
+            if arg in flags and i + 1 < len(own):
+                value = own[i + 1]
+            elif arg.startswith(tuple(f"{f}=" for f in flags)):
+                value = arg.split("=", 1)[1]
+        return value
+
+    if "--standalone" in command or environ.get("PET_STANDALONE"):
+        return "rendezvous: standalone (one host; the store lives in this agent)"
+    backend, endpoint = option("rdzv-backend") or "static", option("rdzv-endpoint") or "?"
+    conf = dict(item.split("=", 1) for item in option("rdzv-conf").split(",") if "=" in item)
+    if backend.startswith("etcd"):
+        return f"rendezvous: external store (etcd at {endpoint}): losing any node costs one rendezvous round"
+    if backend == "c10d" and conf.get("is_host", "").lower() in ("false", "0", "no"):
+        return (f"rendezvous: external store at {endpoint} (is_host=false): losing any node costs one rendezvous "
+                "round; losing the store stops every torchrun until it is back, then the supervisors meet again")
+    return (f"rendezvous: first-node mode ({backend} store inside the agent on the host of {endpoint}): losing "
+            "that node stops every node until a store is back there; any other node costs one rendezvous round")

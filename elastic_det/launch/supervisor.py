@@ -48,7 +48,7 @@ from ..goodput.ledger import LAUNCH_TIME_ENV
 from ..process import die_with_parent, process_start_time
 from ..storage import WorkDir
 from . import exit_status
-from .checks import Target, check_torch, committed_step, progress_store, resolve, work_dir_hint
+from .checks import Target, check_torch, committed_step, progress_store, rendezvous_mode, resolve, work_dir_hint
 from .torchrun import without_teardown
 from .warm_server import start_server
 
@@ -185,6 +185,7 @@ class Supervisor:
         target, code = self._preflight()
         if code is not None:
             return code
+        say(rendezvous_mode(self.command, dict(os.environ)))
         stalled, attempt, backoff = 0, 0, 0.0
         self.last_progress = time.monotonic()
         while True:

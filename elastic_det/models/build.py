@@ -18,11 +18,14 @@ from torchvision.models import get_weight
 from torchvision.models.detection import (
     fasterrcnn_resnet50_fpn,
     fcos_resnet50_fpn,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn_v2,
     retinanet_resnet50_fpn,
     ssdlite320_mobilenet_v3_large,
 )
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.fcos import FCOSClassificationHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -30,6 +33,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..config.schema import ModelConfig
 from ..errors import ConfigError, UserError
 from .tiny import tiny_fcos, tiny_retinanet
+from .tiny_mask import tiny_mask_rcnn
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,10 @@ TORCHVISION_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "retinanet_r50_fpn": retinanet_resnet50_fpn,
     "fcos_r50_fpn": fcos_resnet50_fpn,
     "ssdlite320_mobilenet_v3": ssdlite320_mobilenet_v3_large,
+    "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn,
+    "maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2,
 }
-TINY_BUILDERS = {"tiny_fcos": tiny_fcos, "tiny_retinanet": tiny_retinanet}
+TINY_BUILDERS = {"tiny_fcos": tiny_fcos, "tiny_retinanet": tiny_retinanet, "tiny_mask_rcnn": tiny_mask_rcnn}
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -107,9 +113,13 @@ def _torchvision_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 def _replace_classifier(model: nn.Module, model_type: str, num_classes: int) -> None:
     """Fine-tuning pretrained weights on another label set: a fresh classification layer."""
-    if model_type == "faster_rcnn_r50_fpn":
+    if model_type in ("faster_rcnn_r50_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"):
         in_features = model.roi_heads.box_predictor.cls_score.in_features
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+        if model.roi_heads.mask_predictor is not None:
+            old = model.roi_heads.mask_predictor
+            model.roi_heads.mask_predictor = MaskRCNNPredictor(old.conv5_mask.in_channels,
+                                                               old.conv5_mask.out_channels, num_classes)
     elif model_type == "retinanet_r50_fpn":
         old = model.head.classification_head
         num_anchors = old.num_anchors

@@ -3,16 +3,15 @@ averaged weights when ``ema.enabled`` (``runner.eval_model``); the val record sa
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ...goodput.ledger import Ledger
+from ..events import EventStream
 from ..hook import Hook
-from ..run_files import MetricsLog
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -21,16 +20,14 @@ log = logging.getLogger(__name__)
 
 
 class EvalHook(Hook):
-    """Runs ``evaluate(model)`` on every rank (it returns the metrics on rank 0, None elsewhere), writes the
-    val record to ``metrics.jsonl`` and hands the metrics to ``runner.record_eval``."""
+    """Runs ``evaluate(model)`` on every rank (it returns the metrics on rank 0, None elsewhere), publishes
+    ``eval_start``, the ``val`` record and ``eval_end``, and hands the metrics to ``runner.record_eval``."""
 
     def __init__(self, evaluate: Callable[[nn.Module], dict[str, float] | None], interval: int,
-                 metrics: MetricsLog, format_table: Callable[[dict[str, float]], str],
-                 ledger: Ledger | None = None) -> None:
+                 events: EventStream, format_table: Callable[[dict[str, float]], str]) -> None:
         self.evaluate = evaluate
-        self.ledger = ledger
         self.interval = interval
-        self.metrics = metrics
+        self.events = events
         self.format_table = format_table
         self._done_step = -1
 
@@ -48,10 +45,12 @@ class EvalHook(Hook):
         if step == self._done_step:
             return
         self._done_step = step
-        with self.ledger.evaluation(step) if self.ledger else contextlib.nullcontext():
-            results = self.evaluate(runner.eval_model)
+        self.events.publish("eval_start", step)
+        start = time.monotonic()
+        results = self.evaluate(runner.eval_model)
         if results is not None:  # rank 0
-            self.metrics.write({"mode": "val", "step": step, "weights": runner.eval_weights, **results})
+            self.events.publish("val", step, weights=runner.eval_weights, **results)
             log.info("Evaluation at step %d (%s weights):\n%s", step, runner.eval_weights,
                      self.format_table(results))
+        self.events.publish("eval_end", step, seconds=round(time.monotonic() - start, 4))
         runner.record_eval(results or {})
