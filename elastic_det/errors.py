@@ -10,6 +10,8 @@ code  class                  what a launcher does
 2     UserError              final: bad input (config, data, checkpoint, bucket); relaunching cannot help
 3     WorkDirOwnedError      final: another writer committed to this work dir; stop now
 4     (supervisor only)      final: no attempt committed a checkpoint K times in a row; giving up
+65    NonFiniteError         final: a non-finite loss (train.nonfinite) or a checkpoint refused for a
+                             non-finite tensor; relaunching resumes into the same divergence (EX_DATAERR)
 75    InfrastructureError    retryable: storage or network outage (EX_TEMPFAIL)
 143   (preempted)            retryable: stopped by a preemption signal after its checkpoint; requeue
 ====  =====================  =====================================================================
@@ -22,6 +24,10 @@ USER_ERROR_EXIT_CODE = 2
 WORK_DIR_OWNED_EXIT_CODE = 3
 NO_PROGRESS_EXIT_CODE = 4
 INFRASTRUCTURE_EXIT_CODE = 75
+NONFINITE_EXIT_CODE = 65
+"""Training diverged: a non-finite loss (``train.nonfinite``: stop, or skip past its patience) or a save
+refused because the state holds a non-finite tensor. Final: a relaunch would resume from the newest good
+checkpoint into the same divergence; lower the learning rate, fix the data, or resume from an earlier step."""
 PREEMPTED_EXIT_CODE = 143
 """Exit code after a preemption checkpoint (128 + SIGTERM).
 
@@ -29,7 +35,8 @@ Not a success, so schedulers restart the job; Kubeflow's ``ExitCode`` restart po
 retryable, and the Slurm script requeues on it.
 """
 
-FINAL_EXIT_CODES = frozenset({USER_ERROR_EXIT_CODE, WORK_DIR_OWNED_EXIT_CODE, NO_PROGRESS_EXIT_CODE})
+FINAL_EXIT_CODES = frozenset({USER_ERROR_EXIT_CODE, WORK_DIR_OWNED_EXIT_CODE, NO_PROGRESS_EXIT_CODE,
+                              NONFINITE_EXIT_CODE})
 """Codes after which no launcher may start the job again."""
 
 
@@ -75,6 +82,16 @@ class WorkDirOwnedError(ElasticDetError):
     """Another writer committed a newer checkpoint to this work dir: two runs share it; stop now."""
 
     exit_code = WORK_DIR_OWNED_EXIT_CODE
+
+
+class NonFiniteError(ElasticDetError):
+    """Training diverged: a loss or a state tensor is NaN or infinite (see ``NONFINITE_EXIT_CODE``)."""
+
+    exit_code = NONFINITE_EXIT_CODE
+
+
+class NonFiniteStateError(NonFiniteError):
+    """A checkpoint refused before its commit: a parameter, buffer or optimizer moment is not finite."""
 
 
 def exit_code_for(error: BaseException) -> int:

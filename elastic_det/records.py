@@ -21,7 +21,8 @@ LEDGER = "ledger.jsonl"
 HISTORY = (METRICS, TEXT_LOG, LEDGER)
 """The files that continue across attempts: a relaunch on another machine downloads them first."""
 
-METRICS_EVENTS = ("start", "resume", "checkpoint", "checkpoint_failed", "preempt", "fallback", "done")
+METRICS_EVENTS = ("start", "resume", "checkpoint", "checkpoint_failed", "preempt", "fallback", "done",
+                  "nonfinite_skip")
 """The events that ``metrics.jsonl`` records (DESIGN.md, public interface)."""
 
 LEDGER_MARKS = ("process_start", "imports_done", "dist_ready", "restore_done", "train_start", "first_step")

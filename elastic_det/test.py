@@ -3,7 +3,8 @@
 Evaluates a checkpoint (COCO box mAP on the val split of CONFIG, and mask mAP for a model that predicts
 masks) and prints the metrics table. The second
 argument is a work dir (its newest committed checkpoint), a checkpoint step directory, or a weights file
-(``.pt``/``.pth``); local paths or fsspec URLs. Runs as one process or under torchrun: every rank predicts
+(``.pt``/``.pth``); local paths or fsspec URLs. A checkpoint trained with ``ema.enabled`` is evaluated
+with its averaged weights unless ``--weights raw``. Runs as one process or under torchrun: every rank predicts
 its share of the val set, rank 0 gathers, scores and writes. Exit codes: 0 done, 2 bad input, 75 storage
 outage (see ``elastic_det.errors``).
 """
@@ -34,7 +35,7 @@ from .data.masks import decode_rles
 from .data.transforms import build_transforms
 from .engine import dist
 from .engine.run_files import setup_text_logging
-from .engine.state import load_weights
+from .engine.state import load_weights, weights_kind
 from .errors import ElasticDetError, StorageError
 from .evaluation.coco_eval import CocoReport, format_table, run_cocoeval
 from .evaluation.inference import predict, predicts_masks
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--show-dir", help="write each val image with its predicted boxes (and masks) as PNG here")
     p.add_argument("--score-thr", type=float, default=0.3, help="--show-dir: draw boxes scoring at least this")
     p.add_argument("--out", help="write the detections as a COCO results JSON file here (masks as RLE)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="auto: the averaged weights when the checkpoint has them (ema.enabled), else the raw ones")
     return p.parse_args(argv)
 
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         info = dist.init_distributed(cfg.dist)
         try:
             evaluate_checkpoint(cfg, args.checkpoint, info, show_dir=args.show_dir, score_thr=args.score_thr,
-                                out=args.out)
+                                out=args.out, weights=args.weights)
         finally:
             dist.shutdown()
     except ElasticDetError as e:
@@ -76,15 +79,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, info: dist.DistInfo, show_dir: str | None = None,
-                        score_thr: float = 0.3, out: str | None = None) -> CocoReport | None:
-    """Evaluate ``checkpoint`` on the val split; the report on rank 0 (printed there), None elsewhere."""
+                        score_thr: float = 0.3, out: str | None = None, weights: str = "auto") -> CocoReport | None:
+    """Evaluate ``checkpoint`` on the val split; the report on rank 0 (printed there), None elsewhere.
+    ``weights``: auto (averaged when the checkpoint has them), ema or raw (see ``state.load_weights``)."""
     setup_text_logging(None, info.rank)
     dataset = dist.local_main_first(lambda: build_dataset(cfg.data, "val"), info.local_rank)
     model = build_model(cfg.model, dataset.num_classes)
-    loaded = load_weights(model, checkpoint, cfg.checkpoint.storage_options, cfg.checkpoint.timeout_seconds)
+    loaded = load_weights(model, checkpoint, cfg.checkpoint.storage_options, cfg.checkpoint.timeout_seconds,
+                          weights=weights)
     model.to(info.device)
-    log.info("Evaluating %s (step %d) on %d val images, %d rank(s)", loaded.location, loaded.manifest.step,
-             len(dataset), info.world_size)
+    log.info("Evaluating %s (step %d, %s weights) on %d val images, %d rank(s)", loaded.location,
+             loaded.manifest.step, weights_kind(loaded, weights), len(dataset), info.world_size)
 
     loader = build_val_loader(dataset, build_transforms(cfg.data.val_transforms, train=False), info.rank,
                               info.world_size, cfg.data.val_batch_size, cfg.data.num_workers)

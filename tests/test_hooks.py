@@ -46,6 +46,8 @@ class FakeRunner:
     stop_reason: str | None = None
     evals: list[dict] = field(default_factory=list)
     unwrapped_model: Any = "the model"
+    eval_model: Any = "the averaged model"
+    eval_weights: str = "ema"
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -58,13 +60,16 @@ class FakeRunner:
         return {"model": {"w": torch.full((4,), float(self.progress.global_step))},
                 "progress": self.progress.state_dict()}
 
-    def finish_step(self, losses: dict[str, float], samples: int = 2, indices: list[int] | None = None) -> None:
-        """Advance one global step, as ``Runner.train`` does before calling ``after_step``."""
+    def finish_step(self, losses: dict[str, float], samples: int = 2, indices: list[int] | None = None,
+                    hooks: tuple[Hook, ...] = (), skipped: bool = False) -> None:
+        """Advance one global step, as ``Runner.train`` does before calling ``after_step``; ``hooks``' step
+        flags are agreed as on one rank."""
         index = self.progress.global_step
+        flags = {k: v for hook in hooks for k, v in hook.step_flags(self).items()}
         self.last_step = StepRecord(index=index, epoch=0, indices=indices or list(range(samples)),
                                     loss_sums={k: torch.tensor(v * samples) for k, v in losses.items()},
                                     num_samples=samples, lr=0.1, grad_norm=torch.tensor(3.0), data_time=0.01,
-                                    step_time=0.5)
+                                    step_time=0.5, flags=flags, skipped=skipped)
         self.progress = Progress(global_step=index + 1, step_in_epoch=index + 1, sample_offset=(index + 1) * samples)
 
 
@@ -144,6 +149,8 @@ def test_eval_hook_runs_at_its_interval_and_at_the_end_once_per_step(tmp_path):
     hook.after_run(runner)  # the same step is never evaluated twice
     assert len(seen) == 2 and runner.last_eval.step == 4
     assert [(r["step"], r["bbox_mAP"]) for r in records(tmp_path) if r.get("mode") == "val"] == [(2, 0.1), (4, 0.2)]
+    assert seen == ["the averaged model"] * 2  # runner.eval_model: the EMA weights when ema.enabled
+    assert {r["weights"] for r in records(tmp_path) if r.get("mode") == "val"} == {"ema"}
 
 
 def test_eval_hook_skips_the_final_evaluation_after_a_preemption(tmp_path):
@@ -192,7 +199,7 @@ def test_checkpoint_hook_saves_at_the_interval_and_at_the_end(tmp_path):
     runner = FakeRunner(max_steps=5)
     hook.before_run(runner)
     for _ in range(5):
-        runner.finish_step({"loss": 1.0})
+        runner.finish_step({"loss": 1.0}, hooks=(hook,))
         hook.after_step(runner)
     runner.last_eval = EvalRecord(5, {"bbox_mAP": 0.5})
     hook.after_run(runner)
@@ -208,10 +215,10 @@ def test_checkpoint_hook_saves_and_stops_on_a_preemption_signal(tmp_path):
     hook, preempt = checkpoint_hook(tmp_path, interval=100)
     runner = FakeRunner(max_steps=50)
     hook.before_run(runner)
-    runner.finish_step({"loss": 1.0})
+    runner.finish_step({"loss": 1.0}, hooks=(hook,))
     hook.after_step(runner)
     preempt._handle(15, None)  # what the SIGTERM handler does
-    runner.finish_step({"loss": 1.0})
+    runner.finish_step({"loss": 1.0}, hooks=(hook,))
     hook.after_step(runner)
     assert runner.stop_reason == "preempt"
     assert CheckpointStore(WorkDir(str(tmp_path))).committed_steps() == [2]
@@ -226,11 +233,11 @@ def test_failed_saves_are_counted_then_stop_the_run(tmp_path):
     runner = FakeRunner(max_steps=10)
     hook.before_run(runner)
     for _ in range(2):
-        runner.finish_step({"loss": 1.0})
+        runner.finish_step({"loss": 1.0}, hooks=(hook,))
         hook.after_step(runner)
     failed = [e for e in records(tmp_path) if e.get("event") == "checkpoint_failed"]
     assert [e["failures"] for e in failed] == [1, 2] and "blocker" in failed[0]["error"]
-    runner.finish_step({"loss": 1.0})
+    runner.finish_step({"loss": 1.0}, hooks=(hook,))
     with pytest.raises((StorageError, StorageUnavailableError), match="2 checkpoint saves in a row failed"):
         hook.after_step(runner)
 
@@ -241,10 +248,10 @@ def test_a_newer_checkpoint_by_another_writer_stops_the_run_at_once(tmp_path):
     hook, _ = checkpoint_hook(tmp_path, interval=1, max_failures=5)
     runner = FakeRunner(max_steps=10)
     hook.before_run(runner)
-    runner.finish_step({"loss": 1.0})
+    runner.finish_step({"loss": 1.0}, hooks=(hook,))
     hook.after_step(runner)  # the refused save
     assert hook.checkpointer.failures == 0  # not an ordinary failed save
-    runner.finish_step({"loss": 1.0})
+    runner.finish_step({"loss": 1.0}, hooks=(hook,))
     with pytest.raises(WorkDirOwnedError) as info:
         hook.after_step(runner)
     assert info.value.exit_code == 3
@@ -256,7 +263,7 @@ def test_a_bug_in_a_save_propagates_instead_of_becoming_a_failed_save(tmp_path):
     runner = FakeRunner(max_steps=10)
     runner.state_dict = lambda: {"model": {"w": lambda: 0}}  # a programming error: not picklable
     hook.before_run(runner)
-    runner.finish_step({"loss": 1.0})
+    runner.finish_step({"loss": 1.0}, hooks=(hook,))
     with pytest.raises(Exception) as info:
         hook.after_step(runner)
     assert not isinstance(info.value, (StorageError, StorageUnavailableError))
@@ -267,7 +274,7 @@ def test_async_save_in_flight_is_waited_for_by_close(tmp_path):
     hook, _ = checkpoint_hook(tmp_path, interval=1, async_save=True)
     runner = FakeRunner(max_steps=10)
     hook.before_run(runner)
-    runner.finish_step({"loss": 1.0})
+    runner.finish_step({"loss": 1.0}, hooks=(hook,))
     hook.after_step(runner)
     hook.close()
     assert not hook.checkpointer.saver.in_flight()

@@ -31,11 +31,13 @@ from kubeflow.training import models as training_v1
 from kubeflow_trainer_api import models as trainer_v2
 from referencing import Registry, Resource
 
+from elastic_det.errors import FINAL_EXIT_CODES
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "launch" / "k8s"
 MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml"))
 NEWEST = kubernetes_validate.utils.major_minor(kubernetes_validate.utils.latest_version())  # 1.37 in 1.37.0
-FINAL_CODES = {2, 3, 4}  # elastic_det.errors.FINAL_EXIT_CODES
+FINAL_CODES = set(FINAL_EXIT_CODES)  # 2, 3, 4, 65
 RETRYABLE_CODES = {75, 143}  # INFRASTRUCTURE_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 

@@ -30,6 +30,7 @@ import fsspec
 from ..errors import CheckpointError, StorageError, StorageUnavailableError, WorkDirOwnedError
 from ..storage import STORAGE_FAILURES, WorkDir, describe_error, storage_error
 from ..storage.hashing import CRC32_ZIP
+from .finite import check_finite
 from .manifest import Manifest, versions
 from .node_copy import NodeCopies
 from .reclaim import Reclaimer
@@ -96,12 +97,14 @@ class CheckpointStore:
 
         ``meta`` may carry ``config_hash``, ``world_size``, ``reason`` and ``metrics``. Raises
         :class:`StaleCheckpointError` (exit 3: stop now) when a newer checkpoint is committed,
-        :class:`StorageError` (final) or :class:`StorageUnavailableError` (retryable) when the store fails;
-        nothing is committed then and older checkpoints are untouched.
+        :class:`StorageError` (final) or :class:`StorageUnavailableError` (retryable) when the store fails,
+        :class:`NonFiniteStateError` (final) when a tensor of ``state`` is NaN or infinite (checked before
+        anything is written); nothing is committed then and older checkpoints are untouched.
         """
         unknown = set(meta) - _META_KEYS
         if unknown:
             raise ValueError(f"unknown checkpoint meta keys {sorted(unknown)}; allowed: {sorted(_META_KEYS)}")
+        check_finite(state, step, self.work_dir.url)
         with self._lock:
             rel = step_dir(step)
             self._reclaimer.wait()  # the space of the files deleted by the previous retention is free
@@ -359,19 +362,27 @@ class CheckpointStore:
         manifest = Manifest(step=_step_of(state), data=name, size=size, sha256=sha256, reason="external")
         return Checkpoint(manifest=manifest, location=location, state=state)
 
-    def export_weights(self, checkpoint: Checkpoint, relpath_or_url: str) -> None:
-        """Write the model weights only (``state["model"]``), atomically, for inference or fine-tuning.
+    def export_weights(self, checkpoint: Checkpoint, relpath_or_url: str, weights: str = "auto") -> str:
+        """Write the model weights only, atomically, for inference or fine-tuning; returns which: ``ema``
+        (the averaged weights, ``state["ema"]["model"]``, which ``auto`` prefers when the run had
+        ``ema.enabled``) or ``raw`` (``state["model"]``).
 
         A relative path is inside the work dir; an absolute path or URL is written where it points.
         """
-        if "model" not in checkpoint.state:
+        ema = checkpoint.state.get("ema")
+        averaged = ema.get("model") if isinstance(ema, dict) else None
+        if weights == "ema" and averaged is None:
+            raise CheckpointError(f"Checkpoint {checkpoint.location} has no averaged weights to export.")
+        kind = "ema" if weights != "raw" and averaged is not None else "raw"
+        if kind == "raw" and "model" not in checkpoint.state:
             raise CheckpointError(f"Checkpoint {checkpoint.location} has no 'model' entry to export.")
         if fsspec.core.split_protocol(relpath_or_url)[0] is None and not os.path.isabs(relpath_or_url):
             wd, name = self.work_dir, relpath_or_url
         else:
             parent, name = _split(relpath_or_url)
             wd = self._open(parent)
-        wd.write_atomic(name, lambda f: torch_save(checkpoint.state["model"], f))
+        wd.write_atomic(name, lambda f: torch_save(averaged if kind == "ema" else checkpoint.state["model"], f))
+        return kind
 
     # ------------------------------------------------------------------------------------------------
     # Helpers

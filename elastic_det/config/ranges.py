@@ -1,7 +1,7 @@
 """The valid range of every numeric config key, checked by ``config.load_config``.
 
 A key ending in ``[]`` means each item of a list. Cross-key rules (max_size >= min_size, ...) live with the
-other checks in ``config._check_values``.
+other checks in ``config.rules``.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ RANGES: dict[str, Range] = {
     "train.max_steps": NON_NEGATIVE,
     "train.max_epochs": NON_NEGATIVE,
     "train.eval_interval": NON_NEGATIVE,
+    "train.nonfinite_patience": Range(1),
+    "ema.decay": Range(0, 1, low_open=True, high_open=True, why="the weight of the old average per step"),
+    "ema.warmup_steps": NON_NEGATIVE,
     "checkpoint.interval": NON_NEGATIVE,
     "checkpoint.interval_minutes": NON_NEGATIVE,
     "checkpoint.keep_last": NON_NEGATIVE,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import types
 import typing
@@ -25,8 +23,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
+from .output import config_hash, diff, to_dict, to_public_dict, to_yaml, yaml_key
 from .ranges import RANGES
-from .redaction import REDACTED, redact
+from .redaction import REDACTED
+from .rules import MASK_MODELS, check_rules
+
+__all__ = ["Config", "ConfigError", "config_hash", "diff", "get_key", "load_config", "to_dict",
+           "to_public_dict", "to_yaml"]
 
 
 def _key(name: str) -> dict[str, str]:
@@ -142,6 +145,17 @@ class TrainConfig:
     validate: bool = True
     eval_interval: int = 0  # evaluate every N global steps (0 = only at the end)
     deterministic: bool = False
+    nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 65) | skip (drop that step's update on every rank)
+    nonfinite_patience: int = 10  # skip: stop after this many skipped steps in a row
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, used for evaluation, ``elastic_det.test`` and exports."""
+
+    enabled: bool = False
+    decay: float = 0.9998  # per global step, once warmed up
+    warmup_steps: int = 2000  # decay ramps as decay * (1 - exp(-updates / warmup_steps)); 0 = constant
 
 
 @dataclass
@@ -175,10 +189,6 @@ class DistConfig:
     timeout_seconds: float = 120.0  # collective timeout: a lost peer becomes a restart, not a hang
 
 
-MASK_MODELS = ("tiny_mask_rcnn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
-"""The built-in model types that predict instance masks (their datasets load segmentations)."""
-
-
 @dataclass
 class Config:
     seed: int = 0
@@ -188,6 +198,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
@@ -202,6 +213,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "fp16", "bf16"),
+    "train.nonfinite": ("stop", "skip"),
     "optimizer.type": ("sgd", "adamw"),
     "schedule.policy": ("multistep", "cosine", "constant"),
     "model.norm": ("auto", "frozen_bn", "bn", "sync_bn", "group_norm"),
@@ -280,16 +292,12 @@ def _parse_overrides(overrides: list[str]):
 # Validation against the schema
 
 
-def _yaml_key(f: dataclasses.Field) -> str:
-    return f.metadata.get("key", f.name)
-
-
 def _build(cls: type, data: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"Config key '{where}' must be a mapping, got {data!r} ({type(data).__name__})")
     hints = typing.get_type_hints(cls)
-    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
+    fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
@@ -360,83 +368,10 @@ def _check_values(cfg: Config) -> None:
             if not valid.contains(value):
                 name = f"{key[:-2]}[{i}]" if key.endswith("[]") else key
                 raise ConfigError(f"Config key '{name}' is {value!r}; it must be {valid.describe()}.")
-    if cfg.train.max_steps == 0 and cfg.train.max_epochs == 0:
-        raise ConfigError("Set train.max_steps or train.max_epochs (both are 0).")
-    if len(cfg.optimizer.betas) != 2:
-        raise ConfigError(f"Config key 'optimizer.betas' must hold two numbers, got {cfg.optimizer.betas!r}.")
-    if cfg.model.width % 32:
-        raise ConfigError(f"Config key 'model.width' is {cfg.model.width}; it must be a multiple of 32 (the "
-                          "heads' GroupNorm has 32 groups).")
-    if cfg.model.max_size < cfg.model.min_size:
-        raise ConfigError(f"Config key 'model.max_size' ({cfg.model.max_size}) is smaller than 'model.min_size' "
-                          f"({cfg.model.min_size}).")
-    if cfg.schedule.milestones != sorted(cfg.schedule.milestones):
-        raise ConfigError(f"Config key 'schedule.milestones' must be increasing, got {cfg.schedule.milestones}.")
-    stalled_save = 8 * cfg.checkpoint.timeout_seconds + 10  # two failing requests of a save, each retried
-    remote = "://" in cfg.work_dir and not cfg.work_dir.startswith("file://")
-    if remote and stalled_save >= cfg.dist.timeout_seconds:
-        raise ConfigError(f"dist.timeout_seconds={cfg.dist.timeout_seconds:g} must exceed the longest save on a "
-                          f"stalled store (8 x checkpoint.timeout_seconds + 10 = {stalled_save:g} s): the other "
-                          "ranks wait for rank 0's save in a collective. Raise dist.timeout_seconds or lower "
-                          "checkpoint.timeout_seconds.")
-    if cfg.model.type in MASK_MODELS and not cfg.data.masks:
-        raise ConfigError(f"model.type {cfg.model.type} predicts masks and trains on them, but data.masks is "
-                          "false: set data.masks=true (or leave it null).")
-    if cfg.data.masks and cfg.data.type == "voc":
-        raise ConfigError("data.masks is true but data.type voc has boxes only: masks need COCO segmentations "
-                          "(data.type coco or shapes).")
-    if cfg.data.group_by_aspect_ratio and cfg.elastic.batch_policy == "scale_lr":
-        raise ConfigError("data.group_by_aspect_ratio needs elastic.batch_policy=fixed_global: grouped "
-                          "global batches have a fixed size.")
-
+    check_rules(cfg)
 
 def get_key(cfg: Any, dotted: str) -> Any:
     """``get_key(cfg, "data.global_batch_size")``."""
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Output
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain data, with YAML key names (``checkpoint.async``). Holds credentials: use
-    :func:`to_public_dict` for anything that is written, logged or compared."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        out[_yaml_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else value
-    return out
-
-
-def to_public_dict(cfg: Config) -> dict[str, Any]:
-    """``to_dict`` with credentials redacted: what config.yaml, checkpoints and events may hold."""
-    return redact(to_dict(cfg))
-
-
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, credentials redacted."""
-    return OmegaConf.to_yaml(OmegaConf.create(to_public_dict(cfg)))
-
-
-def config_hash(cfg: Config) -> str:
-    """A short hash of the resolved config (credentials left out), stored in every checkpoint manifest."""
-    text = json.dumps(to_public_dict(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ between two configs as plain data, as ``key: old -> new`` lines.
-
-    Both sides are redacted first, so a changed credential shows as a change without its value."""
-    old, new = redact(old), redact(new)
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return lines

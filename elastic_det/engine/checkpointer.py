@@ -8,8 +8,11 @@ the preemption flag (which names the newest commit when a peer is lost) are writ
 
 A failed save is a storage problem (``StorageError``, ``InfrastructureError``, ``OSError``): it is counted
 and the hook retries at its next interval. A save refused because a newer checkpoint exists
-(``WorkDirOwnedError``: another run writes here) is kept in ``owner_error`` for the hook to stop every rank.
-Anything else is a bug, kept in ``bug`` and raised by the hook at the next step.
+(``WorkDirOwnedError``: another run writes here) is kept in ``owner_error`` for the hook to stop every rank;
+one refused because a tensor is NaN or infinite (``NonFiniteStateError``, checked before anything is
+written) is kept in ``nonfinite_error`` and stops every rank the same way, exit 65, at the next agreement
+(at once after a preemption or final save, whose closing agreement carries it). Anything else is a bug,
+kept in ``bug`` and raised by the hook at the next step.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.async_save import AsyncSaver
 from ..checkpoint.store import CheckpointStore
-from ..errors import InfrastructureError, StorageError, StorageUnavailableError, WorkDirOwnedError
+from ..errors import (
+    InfrastructureError,
+    NonFiniteStateError,
+    StorageError,
+    StorageUnavailableError,
+    WorkDirOwnedError,
+)
 from . import dist
 from .events import EventStream
 
@@ -45,6 +54,7 @@ class Checkpointer:
         self.failures = 0  # failed saves in a row
         self.last_error: BaseException | None = None
         self.owner_error: WorkDirOwnedError | None = None
+        self.nonfinite_error: NonFiniteStateError | None = None  # rank 0's refused save
         self.bug: BaseException | None = None  # a non-storage exception from the save thread
 
     def save(self, runner: Runner, reason: str, sync: bool) -> None:
@@ -56,7 +66,9 @@ class Checkpointer:
             if self.is_main:
                 committed = self._save(runner, step, reason, sync)
             if sync and reason in ("preempt", "final"):
-                dist.barrier()  # no rank exits (and so no agent tears rank 0 down) before the commit
+                # no rank exits (and so no agent tears rank 0 down) before the commit; a refused save stops all
+                if dist.any_rank_each([self.nonfinite_error is not None])[0]:
+                    raise self.refused_error()
         except BaseException:
             committed = False
             raise
@@ -81,7 +93,7 @@ class Checkpointer:
         start = time.perf_counter()
         try:
             manifest = self.store.save(step, state, meta)
-        except (*SAVE_FAILURES, WorkDirOwnedError) as e:
+        except (*SAVE_FAILURES, WorkDirOwnedError, NonFiniteStateError) as e:
             self._on_done(step, reason)(None, e, time.perf_counter() - start)
             return False
         self._on_done(step, reason)(manifest, None, time.perf_counter() - start)
@@ -93,8 +105,11 @@ class Checkpointer:
                 self.failures = 0
                 self.events.publish("checkpoint", step, reason=reason, seconds=round(seconds, 3),
                                     path=self.store.location(step))
-            elif isinstance(error, WorkDirOwnedError):
-                self.owner_error = error
+            elif isinstance(error, (WorkDirOwnedError, NonFiniteStateError)):
+                if isinstance(error, WorkDirOwnedError):
+                    self.owner_error = error
+                else:
+                    self.nonfinite_error = error
                 log.error("Checkpoint at step %d refused: %s", step, error)
                 self.events.publish("checkpoint_failed", step, reason=reason, error=describe(error), final=True,
                                     seconds=round(seconds, 3))
@@ -107,6 +122,14 @@ class Checkpointer:
             else:
                 self.bug = error
         return done
+
+    def refused_error(self) -> NonFiniteStateError:
+        """The refused save's error on rank 0; on the others, the same finding in other words."""
+        if self.nonfinite_error is not None:
+            return self.nonfinite_error
+        return NonFiniteStateError(f"Rank 0 refused to commit a checkpoint to {self.store.work_dir.url}: a tensor "
+                                   "of the training state is not finite (NaN or inf); see rank 0's log. The "
+                                   "newest committed checkpoint stays the newest.")
 
     def failure_error(self, what: str) -> Exception:
         """Final when the last failure was (a store that denies access, does not exist); else retryable."""

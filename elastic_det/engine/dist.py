@@ -189,11 +189,19 @@ def any_rank(flag: bool) -> bool:
         return bool(t.item())
 
 
-def any_rank_each(flags: list[bool]) -> list[bool]:
-    """Element-wise ``any_rank`` for several flags in one collective."""
+def any_rank_each(flags: list[bool], device_flags: torch.Tensor | None = None) -> list[bool]:
+    """Element-wise ``any_rank`` for several flags in one collective.
+
+    ``device_flags`` (a 1-d integer tensor, on any device, computed there without a host read) are
+    appended to ``flags``: the result holds both, and the only host read is the result's.
+    """
+    host = torch.tensor([int(f) for f in flags], dtype=torch.int64)
     if not dist.is_initialized():
-        return list(flags)
-    t = torch.tensor([int(f) for f in flags], device=_collective_device())
+        t = host if device_flags is None else torch.cat([host, device_flags.to("cpu", torch.int64)])
+        return [bool(v) for v in t.tolist()]
+    device = _collective_device()
+    t = host.to(device) if device_flags is None else torch.cat([host.to(device),
+                                                                 device_flags.to(device, torch.int64)])
     with watched("an all-reduce of flags"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]

@@ -29,6 +29,8 @@ checkpoint_end         the loop may go on: ``reason``, ``seconds`` blocked, ``co
 checkpoint             a checkpoint was committed: ``reason``, ``seconds``, ``path``
 checkpoint_failed      a save failed: ``reason``, ``error``, ``failures`` or ``final``, ``seconds``
 preempt                stopped by a preemption signal after its checkpoint: ``signal``, ``world_size``
+nonfinite_skip         a step's update was dropped for a non-finite loss (``train.nonfinite=skip``):
+                       ``terms``, ``in_a_row``, ``skipped`` (in all)
 done                   training finished: ``world_size``
 run_end                the loop ended: ``how`` (done, preempted, failed), ``signal``, ``error``
 =====================  ====================================================================================

@@ -13,11 +13,16 @@ before the one that saves, so a checkpoint at step *s* carries the metrics of th
 always runs, last, even after an exception: it releases what the hook holds (a save in flight, open
 writers) and must not raise. A hook with state worth resuming returns it from ``state_dict`` and gets it
 back from ``load_state_dict``; it is saved in every checkpoint under the hook's class name.
+
+Flags that all ranks must agree on every step (a preemption signal, a save that is due) come from
+``step_flags``: the runner ORs them over ranks in the step's one flag all-reduce, before the update (the
+same collective carries the non-finite loss check, see ``engine.nonfinite``), and hands the result to
+every hook as ``runner.last_step.flags``. A hook never runs a collective of its own per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +44,8 @@ class StepRecord:
     grad_norm: torch.Tensor | None  # before clipping; None when clipping is off
     data_time: float  # seconds waiting for the batch
     step_time: float  # seconds for the whole step, data included (not synchronised with the device)
+    flags: dict[str, bool] = field(default_factory=dict)  # every hook's step_flags, OR-ed over the ranks
+    skipped: bool = False  # the update was dropped (train.nonfinite=skip): the losses are not finite
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class Hook:
     def before_epoch(self, runner: Runner) -> None: ...
 
     def before_step(self, runner: Runner) -> None: ...
+
+    def step_flags(self, runner: Runner) -> dict[str, bool]:
+        """This rank's flags for the step's agreement (names unique across hooks); see the module docstring."""
+        return {}
 
     def after_step(self, runner: Runner) -> None: ...
 

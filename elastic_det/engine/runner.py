@@ -4,7 +4,9 @@ A global step consumes exactly ``global batch size`` samples, split across the c
 rank, into micro-batches. The loss of every micro-batch is weighted by its share of the global batch, so
 the gradient is the mean over the global batch however it was split (DDP averages over ranks, hence the
 factor ``world_size``). DDP synchronises once per step: every micro-batch but the last runs in
-``no_sync``. Losses stay on the device: nothing in a step waits for the device to finish.
+``no_sync``. Losses stay on the device until the step's one flag all-reduce (``_agree``), after the
+backward and before the update: it carries the hooks' flags and the non-finite loss check, and its result
+is the one host read of a step.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.plan import Progress, StepInfo, StepSchedule, split_micro
 from ..models import amp
-from .dist import DistInfo, watched
+from .dist import DistInfo, any_rank_each, watched
 from .events import EventStream
 from .hook import EvalRecord, Hook, StepRecord
+from .nonfinite import NonFiniteGuard
 from .state import TrainingParts, build_state
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,8 @@ class Runner:
     def __init__(self, *, parts: TrainingParts, model: nn.Module, schedule: StepSchedule,
                  batches: Iterable[tuple[list, list]], hooks: list[Hook], events: EventStream,
                  dist_info: DistInfo, progress: Progress, max_steps: int, micro_batch_size: int, amp_mode: str,
-                 clip_grad_norm: float, meta: dict[str, Any] | None = None) -> None:
+                 clip_grad_norm: float, meta: dict[str, Any] | None = None,
+                 nonfinite: NonFiniteGuard | None = None) -> None:
         self.parts = parts  # model (unwrapped), optimizer, scheduler, scaler
         self.model = model  # what the step calls: the DDP wrapper when distributed
         self.schedule = schedule
@@ -48,6 +52,7 @@ class Runner:
         self.amp_mode = amp_mode
         self.clip_grad_norm = clip_grad_norm
         self.meta = meta or {}  # saved with every checkpoint: config text (redacted), environment
+        self.nonfinite = nonfinite or NonFiniteGuard()
         self.step: StepInfo | None = None  # the step being run
         self.last_step: StepRecord | None = None
         self.last_eval: EvalRecord | None = None
@@ -56,6 +61,16 @@ class Runner:
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.parts.model
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluation runs: the averaged weights with ``ema.enabled``, else the trained model."""
+        return self.parts.ema.module if self.parts.ema is not None else self.parts.model
+
+    @property
+    def eval_weights(self) -> str:
+        """``ema`` or ``raw``: which weights ``eval_model`` holds (the val record says so)."""
+        return "ema" if self.parts.ema is not None else "raw"
 
     def request_stop(self, reason: str) -> None:
         """End the run after the current step (hooks still get ``after_step`` and ``after_run``)."""
@@ -103,26 +118,49 @@ class Runner:
 
     def run_step(self, images: list[torch.Tensor], targets: list[dict], data_time: float,
                  start: float) -> StepRecord:
-        """Forward and backward over this rank's share, then clip, optimizer (and scaler) step, LR step."""
+        """Forward and backward over this rank's share; the flag agreement; then (unless the update is
+        dropped) clip, optimizer (and scaler) step and EMA update; LR step."""
         step = self.step
         loss_sums = self._forward_backward(images, targets, len(step.indices))
         optimizer, scaler = self.parts.optimizer, self.parts.scaler
+        params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = None
-        if self.clip_grad_norm > 0:
+        if self.clip_grad_norm > 0 and scaler is None:  # before the agreement: its finiteness is checked
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).detach()
+        flags, skip = self._agree(loss_sums, grad_norm)
+        if not skip:
+            if self.clip_grad_norm > 0:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm).detach()
+                else:
+                    torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, grad_norm)
             if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm).detach()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if self.parts.ema is not None:
+                self.parts.ema.update(self.parts.model)
         optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]
         self.parts.scheduler.step()
         return StepRecord(index=step.global_step, epoch=step.epoch, indices=step.indices, loss_sums=loss_sums,
                           num_samples=len(images), lr=lr, grad_norm=grad_norm, data_time=data_time,
-                          step_time=time.perf_counter() - start)
+                          step_time=time.perf_counter() - start, flags=flags, skipped=skip)
+
+    def _agree(self, loss_sums: dict[str, torch.Tensor],
+               grad_norm: torch.Tensor | None) -> tuple[dict[str, bool], bool]:
+        """The step's one flag all-reduce: every hook's ``step_flags`` and the non-finite check, OR-ed over
+        the ranks; returns the hooks' agreed flags and whether the update is dropped (or raises to stop)."""
+        local: dict[str, bool] = {}
+        for hook in self.hooks:
+            local.update(hook.step_flags(self))
+        names, device_flags = self.nonfinite.local_flags(loss_sums, grad_norm)
+        agreed = any_rank_each(list(local.values()), device_flags)
+        flags = dict(zip(local, agreed[:len(local)], strict=True))
+        skip = self.nonfinite.decide(self.step.global_step + 1, names, agreed[len(local):])
+        return flags, skip
 
     def _forward_backward(self, images: list[torch.Tensor], targets: list[dict],
                           global_batch_size: int) -> dict[str, torch.Tensor]:
@@ -156,10 +194,12 @@ class Runner:
             getattr(hook, event)(self)
 
     def hook_states(self) -> dict[str, dict]:
-        return {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None}
+        """The hooks' states by class name, and the non-finite counters (``NonFiniteGuard``)."""
+        states = {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None}
+        return {**states, type(self.nonfinite).__name__: self.nonfinite.state_dict()}
 
     def load_hook_states(self, states: dict[str, dict]) -> None:
-        for hook in self.hooks:
+        for hook in [*self.hooks, self.nonfinite]:
             if type(hook).__name__ in states:
                 hook.load_state_dict(states[type(hook).__name__])
 

@@ -22,6 +22,7 @@ from ..errors import CheckpointError, InfrastructureError, StorageUnavailableErr
 from ..models.weights import load_model_state
 from ..storage import WorkDir
 from . import dist
+from .ema import ModelEMA, averaged_weights
 from .optim import restore_scheduler
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
+    ema: ModelEMA | None = None  # the averaged weights (ema.enabled)
 
 
 def build_state(parts: TrainingParts, progress: Progress, hook_states: dict[str, dict],
@@ -50,6 +52,7 @@ def build_state(parts: TrainingParts, progress: Progress, hook_states: dict[str,
         "progress": progress.state_dict(),
         "hooks": hook_states,
         "meta": meta,
+        **({"ema": parts.ema.state_dict()} if parts.ema is not None else {}),
     }
 
 
@@ -75,6 +78,15 @@ def restore(checkpoint: Checkpoint, parts: TrainingParts, base_lr: float, seed: 
     if parts.scaler is not None and state.get("scaler"):
         parts.scaler.load_state_dict(state["scaler"])
     progress = Progress.from_state_dict(state["progress"])
+    if parts.ema is not None:
+        if isinstance(state.get("ema"), dict):
+            parts.ema.load_state_dict(state["ema"], checkpoint.location)
+        else:
+            parts.ema.load_state_dict({"model": state["model"], "updates": 0}, checkpoint.location)
+            log.warning("Checkpoint %s has no averaged weights (saved without ema.enabled): the average starts "
+                        "from its weights at step %d, update counter 0", checkpoint.location, progress.global_step)
+    elif isinstance(state.get("ema"), dict):
+        log.info("ema.enabled is false: the checkpoint's averaged weights are not used (nor saved again)")
     if progress.seed != seed:
         log.warning("seed %d differs from the checkpoint's %d: the data order changes from here on",
                     seed, progress.seed)
@@ -95,16 +107,34 @@ def load_checkpoint(path: str, storage_options: dict, timeout: float = 10.0) -> 
     return CheckpointStore(WorkDir(parent, storage_options, timeout=timeout)).load(path)
 
 
-def load_weights(model: nn.Module, path: str, storage_options: dict, timeout: float = 10.0) -> Checkpoint:
-    """Load only the model weights of a checkpoint or an export (``model.load_from``, evaluation)."""
+def load_weights(model: nn.Module, path: str, storage_options: dict, timeout: float = 10.0,
+                 weights: str = "auto") -> Checkpoint:
+    """Load only the model weights of a checkpoint or an export (``model.load_from``, evaluation).
+
+    ``weights``: ``auto`` takes the averaged weights of a checkpoint trained with ``ema.enabled`` and the
+    raw ones otherwise; ``ema`` insists on the average, ``raw`` takes the trained weights. Which one was
+    loaded: :func:`weights_kind`.
+    """
     checkpoint = load_checkpoint(path, storage_options, timeout)
     state = checkpoint.state
-    weights = state.get("model", state if all(torch.is_tensor(v) for v in state.values()) else None)
-    if not weights:
+    averaged = averaged_weights(state)
+    if weights == "ema" and averaged is None:
+        raise CheckpointError(f"Checkpoint {checkpoint.location} has no averaged weights (it was not trained "
+                              "with ema.enabled=true); use the raw weights.")
+    if weights != "raw" and averaged is not None:
+        load_model_state(model, averaged, f"{checkpoint.location} (averaged weights)")
+        return checkpoint
+    raw = state.get("model", state if all(torch.is_tensor(v) for v in state.values()) else None)
+    if not raw:
         raise CheckpointError(f"Checkpoint {checkpoint.location} has no 'model' weights (keys: "
                               f"{', '.join(sorted(state)) or 'none'}).")
-    load_model_state(model, weights, checkpoint.location)
+    load_model_state(model, raw, checkpoint.location)
     return checkpoint
+
+
+def weights_kind(checkpoint: Checkpoint, weights: str = "auto") -> str:
+    """``ema`` or ``raw``: what :func:`load_weights` loads from ``checkpoint`` for ``weights``."""
+    return "ema" if weights != "raw" and averaged_weights(checkpoint.state) is not None else "raw"
 
 
 def find_checkpoint(store: CheckpointStore, resume: str) -> Checkpoint | None:

@@ -26,7 +26,7 @@ from ..data.build import build_dataset
 from ..data.loader import TrainSamples, build_train_loader, build_val_loader
 from ..data.plan import ElasticBatchPlan, Progress, StepSchedule, aspect_groups, split_share
 from ..data.transforms import build_transforms
-from ..errors import ConfigError
+from ..errors import ConfigError, InfrastructureError
 from ..evaluation.coco_eval import format_table
 from ..evaluation.inference import evaluate
 from ..models import amp
@@ -35,6 +35,7 @@ from ..records import METRICS
 from ..storage import WorkDir, is_shared_path
 from . import dist, env_info, state
 from .checkpointer import Checkpointer
+from .ema import build_ema
 from .events import EventStream, Writer
 from .grace import GraceMonitor, GraceWriter, grace_from_env
 from .hook import Hook
@@ -42,6 +43,7 @@ from .hooks.checkpoint import CheckpointHook
 from .hooks.evaluation import EvalHook
 from .hooks.logger import LoggerHook
 from .hooks.trace import TraceHook, next_attempt_path
+from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionFlag
 from .run_files import RunFiles, setup_text_logging
@@ -156,10 +158,13 @@ def _train(cfg: Config, resume: str, info: dist.DistInfo, preempt: PreemptionFla
                         events=out.events, dist_info=info,
                         progress=progress, max_steps=data.max_steps, micro_batch_size=cfg.data.micro_batch_size,
                         amp_mode=cfg.train.amp, clip_grad_norm=cfg.optimizer.clip_grad_norm,
-                        meta={"config": to_yaml(cfg), "env": env})
+                        meta={"config": to_yaml(cfg), "env": env}, nonfinite=_nonfinite_guard(cfg, out))
         runner.load_hook_states(hook_states)
         announce(cfg, info, out, data, progress, checkpoint)
-        runner.train()
+        try:
+            runner.train()
+        except NonFiniteLossError as e:  # every rank, at the same step; the hooks are closed (saves done)
+            raise e.with_checkpoint(_newest_checkpoint(store)) from None
         if runner.stop_reason is None:
             out.events.publish("done", runner.progress.global_step, world_size=info.world_size)
         return runner.stop_reason == "preempt"
@@ -224,7 +229,8 @@ def build_training_parts(cfg: Config, info: dist.DistInfo, data: TrainData) -> s
                 "group_norm for a world-size-invariant run.", len(bn), bn[0])
     optimizer = build_optimizer(cfg.optimizer, model, data.policy.lr)
     scheduler = build_scheduler(cfg.schedule, optimizer, data.max_steps)
-    return state.TrainingParts(model, optimizer, scheduler, amp.grad_scaler(cfg.train.amp, info.device))
+    return state.TrainingParts(model, optimizer, scheduler, amp.grad_scaler(cfg.train.amp, info.device),
+                               ema=build_ema(cfg.ema, model))
 
 
 def build_batches(cfg: Config, info: dist.DistInfo, data: TrainData, progress: Progress):
@@ -251,7 +257,8 @@ def build_hooks(cfg: Config, info: dist.DistInfo, out: RunOutput, store: Checkpo
                                 async_save=cfg.checkpoint.async_save)
     hooks.append(CheckpointHook(checkpointer, cfg.checkpoint, preempt, out.events))
     grace = grace_from_env()  # on every rank: a bad value stops them all
-    model_bytes = lambda: sum(v.nbytes for v in parts.model.state_dict().values())  # noqa: E731
+    copies = 2 if parts.ema is not None else 1  # the averaged weights are saved beside the raw ones
+    model_bytes = lambda: copies * sum(v.nbytes for v in parts.model.state_dict().values())  # noqa: E731
     out.events.subscribe(GraceWriter(GraceMonitor(grace if info.is_main else None), out.files.local_path(METRICS),
                                      remote=not out.work_dir.is_local, model_state_bytes=model_bytes,
                                      step_seconds=preempt.step_time))
@@ -282,6 +289,28 @@ def announce(cfg: Config, info: dist.DistInfo, out: RunOutput, data: TrainData, 
         log.info("Config changed since the checkpoint: %s", line)
     out.events.publish("resume", progress.global_step, checkpoint=checkpoint.location, config_changes=changes,
                        **fields)
+
+
+def _nonfinite_guard(cfg: Config, out: RunOutput) -> NonFiniteGuard:
+    def on_skip(step: int, terms: list[str], in_a_row: int, total: int) -> None:
+        log.warning("Global step %d: non-finite %s on some rank; its update is dropped on every rank "
+                    "(train.nonfinite=skip, %d in a row, %d in all)", step, ", ".join(terms), in_a_row, total)
+        out.events.publish("nonfinite_skip", step, terms=terms, in_a_row=in_a_row, skipped=total)
+
+    return NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_patience, on_skip)
+
+
+def _newest_checkpoint(store: CheckpointStore) -> str | None:
+    """The newest committed checkpoint, as rank 0 sees it (after its last save), on every rank."""
+    location = None
+    if dist.is_main():
+        try:
+            step = store.newest_committed_step()
+            location = store.location(step) if step is not None else None
+        except (InfrastructureError, OSError) as e:
+            location = f"(not known: listing {store.work_dir.url} failed: {e})"
+    with dist.watched("sharing the newest checkpoint"):
+        return dist.broadcast_object(location)
 
 
 def _seed_and_determinism(cfg: Config) -> None:

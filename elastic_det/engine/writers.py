@@ -76,11 +76,12 @@ class ConsoleWriter:
             self._bar.update(1)
         elif event.kind == "train" and self.is_main:
             line = event.fields
+            loss = float("nan") if line["loss"] is None else line["loss"]  # None: every update dropped
             if self._bar is not None:
-                self._bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}")
+                self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{line['lr']:.2e}")
             eta = int(line["eta_seconds"])
             log.info("step %d/%d epoch %d loss %.4f lr %.3e step_time %.3fs data_time %.3fs eta %dm%02ds",
-                     event.step, self._max_steps, line["epoch"], line["loss"], line["lr"], line["step_time"],
+                     event.step, self._max_steps, line["epoch"], loss, line["lr"], line["step_time"],
                      line["data_time"], eta // 60, eta % 60)
         elif event.kind == "run_end":
             self.close()

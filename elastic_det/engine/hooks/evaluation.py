@@ -1,4 +1,5 @@
-"""Evaluation every ``train.eval_interval`` global steps and at the end (distributed inference)."""
+"""Evaluation every ``train.eval_interval`` global steps and at the end (distributed inference), of the
+averaged weights when ``ema.enabled`` (``runner.eval_model``); the val record says which (``weights``)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ class EvalHook(Hook):
         self._done_step = step
         self.events.publish("eval_start", step)
         start = time.monotonic()
-        results = self.evaluate(runner.unwrapped_model)
+        results = self.evaluate(runner.eval_model)
         if results is not None:  # rank 0
-            self.events.publish("val", step, **results)
-            log.info("Evaluation at step %d:\n%s", step, self.format_table(results))
+            self.events.publish("val", step, weights=runner.eval_weights, **results)
+            log.info("Evaluation at step %d (%s weights):\n%s", step, runner.eval_weights,
+                     self.format_table(results))
         self.events.publish("eval_end", step, seconds=round(time.monotonic() - start, 4))
         runner.record_eval(results or {})
